@@ -1,0 +1,100 @@
+"""NeMo AutoModel's ``nemo_automodel.components.moe.experts`` API, built on ``moe`` ops.
+
+Whole-expert forms (``x [N, D]`` and the weights of ONE expert)::
+
+    swiglu(x, gate_and_up_proj=W1, down_proj=W2, gate_up_proj_bias=b1, down_proj_bias=b2)
+        = act(x @ W1 + b1) @ W2 + b2
+
+Probability-weighted forms used after token dispatch (``x`` is the first GEMM's
+output, ``permuted_probs`` ``[N]`` or ``[N, 1]``): ``act(x) * probs`` in float32,
+rounded once; their backward also returns the gradient of ``permuted_probs``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+from torch import Tensor
+
+import moe_ops
+from moe_modules.config import MoEConfig
+from moe_modules.deepep import GroupedExpertsDeepEP
+from moe_modules.grouped_experts import GroupedExperts
+from moe_modules.te import GroupedExpertsTE
+
+
+def is_gated_activation(activation: str) -> bool:
+    """True when the activation uses gate and up projections (first GEMM of width 2I)."""
+    moe_ops.check_activation(activation)
+    return moe_ops.GATED[activation]
+
+
+def _whole_expert(kind, x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, **params):
+    h = x @ gate_and_up_proj
+    if gate_up_proj_bias is not None:
+        h = h + gate_up_proj_bias
+    out = moe_ops.activation(h, None, kind, **params) @ down_proj
+    if down_proj_bias is not None:
+        out = out + down_proj_bias
+    return out
+
+
+def swiglu(x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None) -> Tensor:
+    """``(silu(gate) * up) @ down_proj`` with ``gate, up = (x @ gate_and_up_proj + b1).chunk(2)``."""
+    return _whole_expert("swiglu", x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)
+
+
+def quick_geglu(
+    x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None,
+    alpha: float = 1.702, limit: Optional[float] = 7.0, linear_offset: float = 1.0,
+) -> Tensor:
+    """GPT-OSS's clamped quick-GEGLU with interleaved gate/up columns."""
+    return _whole_expert("quick_geglu", x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias,
+                         alpha=alpha, limit=limit, linear_offset=linear_offset)
+
+
+def relu2(x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None) -> Tensor:
+    """ReLU²: ``relu(x @ gate_and_up_proj + b1) ** 2 @ down_proj + b2``; ``gate_and_up_proj`` is ``[D, I]``."""
+    return _whole_expert("relu2", x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)
+
+
+def get_expert_activation(config: MoEConfig):
+    """The whole-expert callable for ``config.expert_activation``, alpha/limit bound."""
+    moe_ops.check_activation(config.expert_activation)
+    if config.expert_activation == "quick_geglu":
+        return functools.partial(quick_geglu, alpha=config.activation_alpha, limit=config.activation_limit,
+                                 linear_offset=config.activation_linear_offset)
+    return {"swiglu": swiglu, "relu2": relu2}[config.expert_activation]
+
+
+def swiglu_deepep(x: Tensor, permuted_probs: Tensor) -> Tensor:
+    """``silu(gate) * up * probs`` with ``gate, up = x.chunk(2, -1)``."""
+    return moe_ops.activation(x, permuted_probs, "swiglu")
+
+
+def quick_geglu_deepep(x: Tensor, permuted_probs: Tensor, alpha: float = 1.702, limit: Optional[float] = 7.0,
+                       linear_offset: float = 1.0) -> Tensor:
+    """Quick-GEGLU (interleaved gate/up, clamped at ``limit``) times ``probs``."""
+    return moe_ops.activation(x, permuted_probs, "quick_geglu", alpha, limit, linear_offset)
+
+
+def relu2_deepep(x: Tensor, permuted_probs: Tensor) -> Tensor:
+    """``relu(x) ** 2 * probs``."""
+    return moe_ops.activation(x, permuted_probs, "relu2")
+
+
+def get_expert_activation_for_deepep(config: MoEConfig):
+    """The ``(h, permuted_probs) -> out`` callable for ``config.expert_activation``."""
+    moe_ops.check_activation(config.expert_activation)
+    if config.expert_activation == "quick_geglu":
+        return functools.partial(quick_geglu_deepep, alpha=config.activation_alpha, limit=config.activation_limit,
+                                 linear_offset=config.activation_linear_offset)
+    return {"swiglu": swiglu_deepep, "relu2": relu2_deepep}[config.expert_activation]
+
+
+__all__ = [
+    "GroupedExperts", "GroupedExpertsDeepEP", "GroupedExpertsTE",
+    "is_gated_activation", "swiglu", "quick_geglu", "relu2", "get_expert_activation",
+    "swiglu_deepep", "quick_geglu_deepep", "relu2_deepep", "get_expert_activation_for_deepep",
+]

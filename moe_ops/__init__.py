@@ -1,0 +1,32 @@
+"""moe-ops: the expert block of Mixture-of-Experts models as ``torch.library`` custom ops.
+
+Every step is an op in the ``moe`` namespace (``torch.ops.moe.*``) with a fake
+implementation and an autograd formula; kernels come from the backends in
+:mod:`moe_ops.backends`, chosen per op by :mod:`moe_ops.registry`.
+"""
+
+from moe_ops.ops.routing import route
+from moe_ops.ops.permute import gather, combine, pair_dot
+from moe_ops.ops.grouped_mm import grouped_mm, grouped_mm_wgrad
+from moe_ops.ops.bias import add_expert_bias, expert_bias_backward
+from moe_ops.ops.activation import GATED, activation, activation_backward, check_activation
+from moe_ops import backends as _backends  # noqa: F401  (registers the backends)
+from moe_ops.registry import NoBackendError, set_backend, use_backend
+
+__all__ = [
+    "route",
+    "gather",
+    "combine",
+    "pair_dot",
+    "grouped_mm",
+    "grouped_mm_wgrad",
+    "add_expert_bias",
+    "expert_bias_backward",
+    "activation",
+    "activation_backward",
+    "GATED",
+    "check_activation",
+    "NoBackendError",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,97 @@
+"""Input checks shared by every op's fake and real implementation.
+
+Each check names the argument, what was expected and what came, and raises
+``ValueError`` (shapes, values) or ``TypeError`` (dtypes) — from the fake too,
+so eager, torch.compile and torch.export fail the same way.  Size comparisons go
+through ``torch._check_value`` so they also hold for symbolic sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def tensor(
+    name: str,
+    t,
+    *,
+    dim: Optional[int] = None,
+    dtypes: Optional[Iterable[torch.dtype]] = None,
+) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {_shape(t)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def size(name: str, actual, expected, what: str = "size") -> None:
+    if torch.compiler.is_dynamo_compiling():
+        # Dynamo accepts only constants in the message closure; the ops' fakes report the values.
+        message = f"{name}: expected {what}"
+        torch._check_value(actual == expected, lambda: message)
+    else:
+        torch._check_value(actual == expected, lambda: f"{name}: expected {what} {expected}, got {actual}")
+
+
+def same_device(**tensors: Optional[torch.Tensor]) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for n, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{n}: expected device {first.device} (the device of {first_name}), got {t.device}")
+
+
+def same_dtype(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name}: expected dtype {like.dtype} (the dtype of {like_name}), got {t.dtype}")
+
+
+def positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def offsets(name: str, offs: torch.Tensor, groups: Optional[int] = None) -> None:
+    tensor(name, offs, dim=1, dtypes=(torch.int32,))
+    if groups is not None:
+        size(name, offs.shape[0], groups, "number of groups")
+    if offs.shape[0] < 1:
+        raise ValueError(f"{name}: expected at least one group, got shape {_shape(offs)}")
+
+
+def row_of_pair(name: str, rop: torch.Tensor, tokens=None) -> None:
+    tensor(name, rop, dim=2, dtypes=(torch.int64,))
+    if tokens is not None:
+        size(name, rop.shape[0], tokens, "number of tokens (dim 0)")
+
+
+def pair_weights(name: str, w: Optional[torch.Tensor], rop: torch.Tensor) -> None:
+    if w is None:
+        return
+    tensor(name, w, dim=2, dtypes=FLOAT_DTYPES)
+    size(name, w.shape[0], rop.shape[0], "number of tokens (dim 0)")
+    size(name, w.shape[1], rop.shape[1], "experts per token (dim 1)")
+
+
+def row_probs(name: str, probs: Optional[torch.Tensor], rows) -> None:
+    """Per-row probabilities: shape [N] or [N, 1]."""
+    if probs is None:
+        return
+    tensor(name, probs, dtypes=FLOAT_DTYPES)
+    if probs.dim() not in (1, 2) or (probs.dim() == 2 and probs.shape[1] != 1):
+        raise ValueError(f"{name}: expected shape [N] or [N, 1], got {_shape(probs)}")
+    size(name, probs.shape[0], rows, "number of rows (dim 0)")

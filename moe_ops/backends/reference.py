@@ -1,0 +1,204 @@
+"""The ``reference`` backend: plain PyTorch, any device and dtype — the oracle.
+
+Written for clarity and exactness, not speed: each kernel is a direct
+transcription of the op's definition, accumulating in float32 (float64 for
+float64 inputs), with no host synchronisation.  Grouped GEMMs loop over the
+groups and keep each row's product only for its own group, so a NaN in one
+expert's rows or weights never reaches another expert's rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moe_ops.registry import Backend
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _group_of_rows(offsets: Tensor, rows: int) -> Tensor:
+    """Group id of each row; rows past the last offset get ``len(offsets)``."""
+    r = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets, r, right=True)
+
+
+def _valid_pairs(row_of_pair: Tensor, offsets: Tensor) -> Tensor:
+    return row_of_pair < offsets[-1]
+
+
+def route(indices, token_mask, expert_start, num_experts):
+    T, K = indices.shape
+    local = indices.long() - expert_start
+    valid = (local >= 0) & (local < num_experts) & token_mask.unsqueeze(1)
+    key = torch.where(valid, local, num_experts).reshape(-1)
+    sorted_key, pair_of_row = torch.sort(key, stable=True)
+    experts = torch.arange(num_experts, device=indices.device, dtype=torch.int64)
+    ends = torch.searchsorted(sorted_key, experts, right=True)
+    tokens_per_expert = torch.diff(ends, prepend=ends.new_zeros(1))
+    rows = torch.arange(T * K, device=indices.device, dtype=torch.int64)
+    row_of_pair = torch.empty_like(pair_of_row).scatter_(0, pair_of_row, rows).view(T, K)
+    return pair_of_row, row_of_pair, tokens_per_expert, ends.to(torch.int32)
+
+
+def gather(x, row_of_pair, offsets, weights):
+    T, K = row_of_pair.shape
+    vals = x.unsqueeze(1).expand(T, K, x.shape[1])
+    if weights is not None:
+        vals = (vals.to(_acc(x.dtype)) * weights.to(_acc(x.dtype)).unsqueeze(-1)).to(x.dtype)
+    vals = torch.where(_valid_pairs(row_of_pair, offsets).unsqueeze(-1), vals, 0)
+    out = x.new_zeros(T * K, x.shape[1])
+    return out.index_copy_(0, row_of_pair.reshape(-1), vals.reshape(T * K, -1))
+
+
+def _pair_rows(rows, row_of_pair):
+    T, K = row_of_pair.shape
+    return rows.index_select(0, row_of_pair.reshape(-1)).view(T, K, rows.shape[1]).to(_acc(rows.dtype))
+
+
+def combine(rows, row_of_pair, offsets, weights):
+    vals = _pair_rows(rows, row_of_pair)
+    if weights is not None:
+        vals = vals * weights.to(vals.dtype).unsqueeze(-1)
+    vals = torch.where(_valid_pairs(row_of_pair, offsets).unsqueeze(-1), vals, 0)
+    return vals.sum(1).to(rows.dtype)
+
+
+def pair_dot(a, rows, row_of_pair, offsets):
+    acc = _acc(a.dtype)
+    dots = (_pair_rows(rows, row_of_pair).to(acc) * a.to(acc).unsqueeze(1)).sum(-1)
+    return torch.where(_valid_pairs(row_of_pair, offsets), dots, 0)
+
+
+def grouped_mm(a, b, offsets):
+    acc = _acc(a.dtype)
+    group = _group_of_rows(offsets, a.shape[0]).unsqueeze(1)
+    a_acc = a.to(acc)
+    out = a.new_zeros(a.shape[0], b.shape[2], dtype=acc)
+    for g in range(b.shape[0]):
+        out = torch.where(group == g, a_acc @ b[g].to(acc), out)
+    return out.to(a.dtype)
+
+
+def grouped_mm_wgrad(a, grad, offsets):
+    acc = _acc(a.dtype)
+    group = _group_of_rows(offsets, a.shape[0]).unsqueeze(1)
+    a_acc, grad_acc = a.to(acc), grad.to(acc)
+    per_group = []
+    for g in range(offsets.shape[0]):
+        mine = group == g
+        per_group.append(torch.where(mine, a_acc, 0).t() @ torch.where(mine, grad_acc, 0))
+    return torch.stack(per_group).to(a.dtype)
+
+
+def _bias_rows(bias, offsets, rows):
+    group = _group_of_rows(offsets, rows)
+    valid = (group < bias.shape[0]).unsqueeze(1)
+    return bias.to(_acc(bias.dtype))[group.clamp(max=bias.shape[0] - 1)], valid, group
+
+
+def add_expert_bias(h, bias, offsets, probs):
+    b_rows, valid, _ = _bias_rows(bias, offsets, h.shape[0])
+    acc = _acc(h.dtype)
+    if probs is not None:
+        b_rows = b_rows.to(acc) * probs.reshape(-1, 1).to(acc)
+    return (h.to(acc) + torch.where(valid, b_rows.to(acc), 0)).to(h.dtype)
+
+
+def expert_bias_backward(grad, bias, offsets, probs):
+    b_rows, valid, group = _bias_rows(bias, offsets, grad.shape[0])
+    acc = _acc(grad.dtype)
+    g = grad.to(acc)
+    gp = g if probs is None else g * probs.reshape(-1, 1).to(acc)
+    grad_bias = torch.stack([torch.where(group.unsqueeze(1) == e, gp, 0).sum(0) for e in range(bias.shape[0])])
+    if probs is None:
+        grad_probs = grad.new_empty(0, dtype=torch.float32)
+    else:
+        dots = torch.where(valid, g * b_rows.to(acc), 0).sum(1)
+        grad_probs = dots.to(probs.dtype).reshape(probs.shape)
+    return grad_bias.to(bias.dtype), grad_probs
+
+
+def _split(h, kind):
+    if kind == "quick_geglu":
+        return h[:, 0::2], h[:, 1::2]
+    return h.chunk(2, dim=1)
+
+
+def _merge(d_gate, d_up, kind):
+    if kind == "quick_geglu":
+        return torch.stack([d_gate, d_up], dim=2).flatten(1)
+    return torch.cat([d_gate, d_up], dim=1)
+
+
+def _act_forward_backward(h, kind, alpha, limit, linear_offset, d_out=None):
+    """act(h) and, when ``d_out`` is given, d act / d h applied to it (closed forms)."""
+    if kind == "relu2":
+        r = torch.relu(h)
+        return r * r, None if d_out is None else d_out * 2 * r
+    gate, up = _split(h, kind)
+    if kind == "swiglu":
+        s = torch.sigmoid(gate)
+        silu = gate * s
+        if d_out is None:
+            return silu * up, None
+        return silu * up, _merge(d_out * up * s * (1 + gate * (1 - s)), d_out * silu, kind)
+    # quick_geglu
+    gate_mask = up_mask = None
+    if limit is not None:
+        gate_mask, up_mask = gate <= limit, (up >= -limit) & (up <= limit)
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    s = torch.sigmoid(alpha * gate)
+    glu = gate * s
+    out = glu * (up + linear_offset)
+    if d_out is None:
+        return out, None
+    d_gate = d_out * (up + linear_offset) * s * (1 + alpha * gate * (1 - s))
+    d_up = d_out * glu
+    if limit is not None:
+        d_gate, d_up = torch.where(gate_mask, d_gate, 0), torch.where(up_mask, d_up, 0)
+    return out, _merge(d_gate, d_up, kind)
+
+
+def activation(h, probs, kind, alpha, limit, linear_offset):
+    acc = _acc(h.dtype)
+    out, _ = _act_forward_backward(h.to(acc), kind, alpha, limit, linear_offset)
+    if probs is not None:
+        out = out * probs.reshape(-1, 1).to(acc)
+    return out.to(h.dtype)
+
+
+def activation_backward(grad, h, probs, kind, alpha, limit, linear_offset):
+    acc = _acc(h.dtype)
+    g = grad.to(acc)
+    d_out = g if probs is None else g * probs.reshape(-1, 1).to(acc)
+    out, grad_h = _act_forward_backward(h.to(acc), kind, alpha, limit, linear_offset, d_out)
+    if probs is None:
+        grad_probs = h.new_empty(0, dtype=torch.float32)
+    else:
+        grad_probs = (g * out).sum(1).to(probs.dtype).reshape(probs.shape)
+    return grad_h.to(h.dtype), grad_probs
+
+
+KERNELS = {
+    "route": route,
+    "gather": gather,
+    "combine": combine,
+    "pair_dot": pair_dot,
+    "grouped_mm": grouped_mm,
+    "grouped_mm_wgrad": grouped_mm_wgrad,
+    "add_expert_bias": add_expert_bias,
+    "expert_bias_backward": expert_bias_backward,
+    "activation": activation,
+    "activation_backward": activation_backward,
+}
+
+BACKEND = Backend(
+    name="reference",
+    description="plain PyTorch, any device and dtype; exact and slow (the oracle)",
+    kernels=KERNELS,
+    unavailable_reasons=lambda: [],
+    input_reasons=lambda op, args: [],
+)

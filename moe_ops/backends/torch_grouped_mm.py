@@ -1,0 +1,69 @@
+"""The ``torch`` backend: ``torch._grouped_mm`` for the expert GEMMs.
+
+Taken only where it has its fast path (CUTLASS, no host sync): CUDA sm90 or
+sm100 with bfloat16 and 16-byte-aligned rows.  Elsewhere ``torch._grouped_mm``
+falls back to a per-expert loop that copies the offsets to the host, so this
+backend declines and the registry moves on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_ops.registry import Backend
+
+_FAST_CAPABILITIES = {(9, 0), (10, 0)}
+
+
+def _zero_rows_past_end(out, offsets):
+    # torch._grouped_mm leaves rows past offsets[-1] unwritten.
+    rows = torch.arange(out.shape[0], device=out.device, dtype=offsets.dtype)
+    return out.masked_fill_((rows >= offsets[-1]).unsqueeze(1), 0)
+
+
+def grouped_mm(a, b, offsets):
+    out = torch._grouped_mm(a.contiguous(), b.contiguous(), offs=offsets)
+    return _zero_rows_past_end(out, offsets)
+
+
+def grouped_mm_wgrad(a, grad, offsets):
+    out = torch._grouped_mm(a.contiguous().t(), grad.contiguous(), offs=offsets)
+    # An empty group's slice is not guaranteed to be written: make it 0.
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    return out.masked_fill_((counts == 0).view(-1, 1, 1), 0)
+
+
+def _unavailable() -> list[str]:
+    if not hasattr(torch, "_grouped_mm"):
+        return [f"torch {torch.__version__} has no torch._grouped_mm"]
+    if not torch.cuda.is_available():
+        return ["no CUDA device (torch._grouped_mm has a fast path only on CUDA sm90/sm100)"]
+    return []
+
+
+def _input_reasons(op: str, args: tuple) -> list[str]:
+    first, second = args[0], args[1]
+    reasons = []
+    if first.device.type != "cuda":
+        return [f"inputs are on {first.device.type}; needs CUDA"]
+    cap = torch.cuda.get_device_capability(first.device)
+    if cap not in _FAST_CAPABILITIES:
+        reasons.append(f"needs sm90/sm100 for the fast path, got sm{cap[0]}{cap[1]}")
+    if first.dtype != torch.bfloat16:
+        reasons.append(f"needs bfloat16, got {str(first.dtype).replace('torch.', '')}")
+    widths = {"a": first.shape[1], "b": second.shape[-1]}
+    for name, width in widths.items():
+        if (width * first.element_size()) % 16:
+            reasons.append(f"rows of {name} ({width} elements) are not a multiple of 16 bytes")
+    if first.shape[0] == 0:
+        reasons.append("no rows")
+    return reasons
+
+
+BACKEND = Backend(
+    name="torch",
+    description="torch._grouped_mm (CUTLASS) for the expert GEMMs on CUDA sm90/sm100, bfloat16",
+    kernels={"grouped_mm": grouped_mm, "grouped_mm_wgrad": grouped_mm_wgrad},
+    unavailable_reasons=_unavailable,
+    input_reasons=_input_reasons,
+)

@@ -1,0 +1,118 @@
+"""moe::activation — the expert activation, optionally times the routing probability.
+
+``h`` is the first GEMM's output (bias already added), ``[N, 2I]`` for gated
+activations and ``[N, I]`` for ``relu2``:
+
+* ``swiglu``: ``silu(gate) * up`` with ``gate, up = h[:, :I], h[:, I:]``;
+* ``quick_geglu`` (GPT-OSS): ``gate, up = h[:, 0::2], h[:, 1::2]`` (interleaved),
+  ``gate = min(gate, limit)``, ``up = clamp(up, -limit, limit)`` (no clamp when
+  ``limit`` is None), ``gate * sigmoid(alpha * gate) * (up + linear_offset)``;
+* ``relu2``: ``relu(h) ** 2``.
+
+The result is multiplied by ``probs`` per row, all in float32, and rounded once
+to ``h.dtype``.  The backward (``moe::activation_backward``) also returns the
+gradient of ``probs``, so the router trains through it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from moe_ops import _checks, registry
+
+registry.register_op("activation")
+registry.register_op("activation_backward")
+
+# name -> whether the first GEMM carries gate and up (width 2I) or up alone (width I)
+GATED = {"swiglu": True, "quick_geglu": True, "relu2": False}
+
+
+def check_activation(name) -> None:
+    if name not in GATED:
+        raise ValueError(f"activation: expected one of {sorted(GATED)}, got {name!r}")
+
+
+def _validate(h: Tensor, probs: Optional[Tensor], kind: str) -> None:
+    check_activation(kind)
+    _checks.tensor("h", h, dim=2, dtypes=_checks.FLOAT_DTYPES)
+    if GATED[kind]:
+        torch._check_value(h.shape[1] % 2 == 0, lambda: f"h: expected an even width (gate and up) for {kind}, got {h.shape[1]}")
+    _checks.row_probs("probs", probs, h.shape[0])
+    _checks.same_device(h=h, probs=probs)
+
+
+def _out_width(h: Tensor, kind: str):
+    return h.shape[1] // 2 if GATED[kind] else h.shape[1]
+
+
+@torch.library.custom_op("moe::activation", mutates_args=())
+def _activation(
+    h: Tensor, probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float], linear_offset: float
+) -> Tensor:
+    _validate(h, probs, kind)
+    return registry.call("activation", h, probs, kind, alpha, limit, linear_offset)
+
+
+@_activation.register_fake
+def _(h, probs, kind, alpha, limit, linear_offset):
+    _validate(h, probs, kind)
+    return h.new_empty(h.shape[0], _out_width(h, kind))
+
+
+@torch.library.custom_op("moe::activation_backward", mutates_args=())
+def _activation_backward(
+    grad: Tensor, h: Tensor, probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float], linear_offset: float
+) -> tuple[Tensor, Tensor]:
+    _validate(h, probs, kind)
+    return registry.call("activation_backward", grad, h, probs, kind, alpha, limit, linear_offset)
+
+
+@_activation_backward.register_fake
+def _(grad, h, probs, kind, alpha, limit, linear_offset):
+    _validate(h, probs, kind)
+    _checks.tensor("grad", grad, dim=2)
+    grad_probs = h.new_empty(0, dtype=torch.float32) if probs is None else torch.empty_like(probs)
+    return torch.empty_like(h, memory_format=torch.contiguous_format), grad_probs
+
+
+def _setup(ctx, inputs, output):
+    h, probs, kind, alpha, limit, linear_offset = inputs
+    ctx.save_for_backward(h, probs)
+    ctx.params = (kind, alpha, limit, linear_offset)
+
+
+def _backward(ctx, grad):
+    h, probs = ctx.saved_tensors
+    grad_h, grad_probs = activation_backward(grad.contiguous(), h, probs, *ctx.params)
+    return grad_h, grad_probs if probs is not None else None, None, None, None, None
+
+
+_activation.register_autograd(_backward, setup_context=_setup)
+
+
+def activation(
+    h: Tensor,
+    probs: Optional[Tensor] = None,
+    kind: str = "swiglu",
+    alpha: float = 1.702,
+    limit: Optional[float] = 7.0,
+    linear_offset: float = 1.0,
+) -> Tensor:
+    """``act(h) * probs`` (see the module docstring); ``alpha``, ``limit``, ``linear_offset`` are quick_geglu's."""
+    return torch.ops.moe.activation(h, probs, kind, float(alpha), None if limit is None else float(limit), float(linear_offset))
+
+
+def activation_backward(
+    grad: Tensor,
+    h: Tensor,
+    probs: Optional[Tensor],
+    kind: str,
+    alpha: float = 1.702,
+    limit: Optional[float] = 7.0,
+    linear_offset: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`activation`: ``grad_h`` (like ``h``) and ``grad_probs`` (like ``probs``; empty when None)."""
+    return torch.ops.moe.activation_backward(grad, h, probs, kind, alpha, limit, linear_offset)

@@ -1,0 +1,89 @@
+"""moe::add_expert_bias — per-expert bias rows, optionally weighted by routing probability.
+
+``out[r] = h[r] + p[r] * bias[g(r)]`` for rows of group ``g(r)``; rows past
+``offsets[-1]`` are copied unchanged.  The backward is its own op
+(``moe::expert_bias_backward``): a per-group reduction, deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from moe_ops import _checks, registry
+
+registry.register_op("add_expert_bias")
+registry.register_op("expert_bias_backward")
+
+
+def _validate(h: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor]) -> None:
+    _checks.tensor("h", h, dim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("bias", bias, dim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.offsets("offsets", offsets, bias.shape[0])
+    _checks.size("bias", bias.shape[1], h.shape[1], "width (dim 1) equal to dim 1 of h")
+    _checks.row_probs("probs", probs, h.shape[0])
+    _checks.same_device(h=h, bias=bias, offsets=offsets, probs=probs)
+
+
+@torch.library.custom_op("moe::add_expert_bias", mutates_args=())
+def _add_expert_bias(h: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor]) -> Tensor:
+    _validate(h, bias, offsets, probs)
+    return registry.call("add_expert_bias", h, bias, offsets, probs)
+
+
+@_add_expert_bias.register_fake
+def _(h, bias, offsets, probs):
+    _validate(h, bias, offsets, probs)
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("moe::expert_bias_backward", mutates_args=())
+def _expert_bias_backward(
+    grad: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    _validate(grad, bias, offsets, probs)
+    return registry.call("expert_bias_backward", grad, bias, offsets, probs)
+
+
+@_expert_bias_backward.register_fake
+def _(grad, bias, offsets, probs):
+    _validate(grad, bias, offsets, probs)
+    grad_probs = grad.new_empty(0, dtype=torch.float32) if probs is None else torch.empty_like(probs)
+    return torch.empty_like(bias), grad_probs
+
+
+def _setup(ctx, inputs, output):
+    h, bias, offsets, probs = inputs
+    ctx.save_for_backward(bias, offsets, probs)
+
+
+def _backward(ctx, grad):
+    bias, offsets, probs = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_bias, grad_probs = expert_bias_backward(grad, bias, offsets, probs)
+    return grad, grad_bias, None, grad_probs if probs is not None else None
+
+
+_add_expert_bias.register_autograd(_backward, setup_context=_setup)
+
+
+def add_expert_bias(h: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor] = None) -> Tensor:
+    """``h [N, C] + probs[r] * bias[g(r)]`` per row of expert ``g(r)`` (``bias [G, C]``, ``probs [N]`` or ``[N, 1]``).
+
+    Computed in float32, rounded once to ``h.dtype``.
+    """
+    return torch.ops.moe.add_expert_bias(h, bias, offsets, probs)
+
+
+def expert_bias_backward(
+    grad: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`add_expert_bias`.
+
+    ``grad_bias [G, C]``: per-group sums of ``probs[r] * grad[r]`` (fixed order, no atomics);
+    ``grad_probs``: ``<grad[r], bias[g(r)]>`` shaped like ``probs`` (0 past the last group),
+    or an empty float32 tensor when ``probs`` is None.
+    """
+    return torch.ops.moe.expert_bias_backward(grad, bias, offsets, probs)

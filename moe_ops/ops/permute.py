@@ -1,0 +1,166 @@
+"""moe::gather, moe::combine, moe::pair_dot — moving rows between token order and expert order.
+
+``gather`` and ``combine`` are adjoint: ``gather`` copies token ``t`` to the
+row of each of its valid pairs (optionally scaled by the pair's weight),
+``combine`` sums a token's valid rows back (optionally weighted), accumulating
+in float32.  ``pair_dot`` is the weight gradient of both.  All three are
+gather-reduce over the K slots of a token: deterministic, no atomics.
+A pair is valid when ``row_of_pair < offsets[-1]``; other rows are zero.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from moe_ops import _checks, registry
+
+for _op in ("gather", "combine", "pair_dot"):
+    registry.register_op(_op)
+
+
+def _validate_common(rows_name, rows, row_of_pair, offsets, weights=None):
+    _checks.tensor(rows_name, rows, dim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.row_of_pair("row_of_pair", row_of_pair)
+    _checks.offsets("offsets", offsets)
+    _checks.pair_weights("weights", weights, row_of_pair)
+    _checks.same_device(**{rows_name: rows}, row_of_pair=row_of_pair, offsets=offsets, weights=weights)
+
+
+def _validate_gather(x, row_of_pair, offsets, weights):
+    _validate_common("x", x, row_of_pair, offsets, weights)
+    _checks.size("row_of_pair", row_of_pair.shape[0], x.shape[0], "number of tokens (dim 0 of x)")
+
+
+def _validate_combine(rows, row_of_pair, offsets, weights):
+    _validate_common("rows", rows, row_of_pair, offsets, weights)
+    _checks.size("rows", rows.shape[0], row_of_pair.shape[0] * row_of_pair.shape[1], "number of rows T*K")
+
+
+def _validate_pair_dot(a, rows, row_of_pair, offsets):
+    _validate_gather(a, row_of_pair, offsets, None)
+    _validate_combine(rows, row_of_pair, offsets, None)
+    _checks.size("rows", rows.shape[1], a.shape[1], "row width (dim 1 of a)")
+
+
+# ---- gather ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moe::gather", mutates_args=())
+def _gather(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor]) -> Tensor:
+    _validate_gather(x, row_of_pair, offsets, weights)
+    return registry.call("gather", x, row_of_pair, offsets, weights)
+
+
+@_gather.register_fake
+def _(x, row_of_pair, offsets, weights):
+    _validate_gather(x, row_of_pair, offsets, weights)
+    return x.new_empty(row_of_pair.shape[0] * row_of_pair.shape[1], x.shape[1])
+
+
+def _gather_setup(ctx, inputs, output):
+    x, row_of_pair, offsets, weights = inputs
+    ctx.save_for_backward(x if weights is not None else None, row_of_pair, offsets, weights)
+
+
+def _gather_backward(ctx, grad_rows):
+    x, row_of_pair, offsets, weights = ctx.saved_tensors
+    grad_rows = grad_rows.contiguous()
+    grad_x = combine(grad_rows, row_of_pair, offsets, weights) if ctx.needs_input_grad[0] else None
+    grad_w = None
+    if weights is not None and ctx.needs_input_grad[3]:
+        grad_w = pair_dot(x, grad_rows, row_of_pair, offsets).to(weights.dtype)
+    return grad_x, None, None, grad_w
+
+
+_gather.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+def gather(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """Token rows into expert order: ``out[row_of_pair[t, k]] = w[t, k] * x[t]`` for valid pairs, 0 elsewhere.
+
+    ``x [T, D]`` -> ``[T*K, D]`` in ``x.dtype`` (weights applied in float32, rounded once).
+    """
+    return torch.ops.moe.gather(x, row_of_pair, offsets, weights)
+
+
+# ---- combine --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moe::combine", mutates_args=())
+def _combine(rows: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor]) -> Tensor:
+    _validate_combine(rows, row_of_pair, offsets, weights)
+    return registry.call("combine", rows, row_of_pair, offsets, weights)
+
+
+@_combine.register_fake
+def _(rows, row_of_pair, offsets, weights):
+    _validate_combine(rows, row_of_pair, offsets, weights)
+    return rows.new_empty(row_of_pair.shape[0], rows.shape[1])
+
+
+def _combine_setup(ctx, inputs, output):
+    rows, row_of_pair, offsets, weights = inputs
+    ctx.save_for_backward(rows if weights is not None else None, row_of_pair, offsets, weights)
+
+
+def _combine_backward(ctx, grad_y):
+    rows, row_of_pair, offsets, weights = ctx.saved_tensors
+    grad_y = grad_y.contiguous()
+    grad_rows = gather(grad_y, row_of_pair, offsets, weights) if ctx.needs_input_grad[0] else None
+    grad_w = None
+    if weights is not None and ctx.needs_input_grad[3]:
+        grad_w = pair_dot(grad_y, rows, row_of_pair, offsets).to(weights.dtype)
+    return grad_rows, None, None, grad_w
+
+
+_combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
+def combine(rows: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """Expert rows back to token order: ``y[t] = sum_k w[t, k] * rows[row_of_pair[t, k]]`` over valid pairs.
+
+    ``rows [T*K, D]`` -> ``[T, D]`` in ``rows.dtype``, accumulated in float32 in slot order (deterministic).
+    """
+    return torch.ops.moe.combine(rows, row_of_pair, offsets, weights)
+
+
+# ---- pair_dot -------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moe::pair_dot", mutates_args=())
+def _pair_dot(a: Tensor, rows: Tensor, row_of_pair: Tensor, offsets: Tensor) -> Tensor:
+    _validate_pair_dot(a, rows, row_of_pair, offsets)
+    return registry.call("pair_dot", a, rows, row_of_pair, offsets)
+
+
+@_pair_dot.register_fake
+def _(a, rows, row_of_pair, offsets):
+    _validate_pair_dot(a, rows, row_of_pair, offsets)
+    return a.new_empty(row_of_pair.shape, dtype=torch.float64 if a.dtype == torch.float64 else torch.float32)
+
+
+def _pair_dot_setup(ctx, inputs, output):
+    a, rows, row_of_pair, offsets = inputs
+    ctx.save_for_backward(a, rows, row_of_pair, offsets)
+
+
+def _pair_dot_backward(ctx, grad):
+    a, rows, row_of_pair, offsets = ctx.saved_tensors
+    grad_a = combine(rows, row_of_pair, offsets, grad).to(a.dtype) if ctx.needs_input_grad[0] else None
+    grad_rows = gather(a, row_of_pair, offsets, grad).to(rows.dtype) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_rows, None, None
+
+
+_pair_dot.register_autograd(_pair_dot_backward, setup_context=_pair_dot_setup)
+
+
+def pair_dot(a: Tensor, rows: Tensor, row_of_pair: Tensor, offsets: Tensor) -> Tensor:
+    """``out[t, k] = <a[t], rows[row_of_pair[t, k]]>`` for valid pairs, 0 elsewhere; ``[T, K]`` float32
+    (float64 for float64 ``a``).
+
+    The routing-weight gradient of both :func:`gather` and :func:`combine`.
+    """
+    return torch.ops.moe.pair_dot(a, rows, row_of_pair, offsets)

@@ -1,0 +1,172 @@
+"""The one backend registry: which kernel runs each ``moe`` op.
+
+Every backend (a module in ``moe_ops.backends``) exposes a :class:`Backend`:
+a name, a kernel per op it implements, and ``not_supported_reasons(op, args)``
+— an empty list when it can take those inputs, else why not.  Each op's
+implementation calls :func:`call`, which runs the first backend in
+:data:`PRIORITY` that supports the inputs, unless a backend is forced:
+
+* API:          ``set_backend("reference")`` or ``set_backend("reference", op="grouped_mm")``
+* context:      ``with use_backend("reference"):`` / ``with use_backend(grouped_mm="reference"):``
+* environment:  ``MOE_OPS_BACKEND=reference`` or ``MOE_OPS_BACKEND=grouped_mm=reference,combine=triton``
+
+Precedence: context manager, then ``set_backend``, then the environment.  A
+forced backend that cannot take the inputs raises rather than falling back,
+and when no backend can, the error lists every backend with its reasons.
+The choice is made each time an op runs, so a compiled graph follows the
+current setting without recompiling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+ENV_VAR = "MOE_OPS_BACKEND"
+ALL_OPS = "*"
+
+
+class NoBackendError(RuntimeError):
+    """No backend can run an op on the given inputs."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str
+    kernels: Mapping[str, Callable]
+    # Why this backend cannot run here at all (missing package, no GPU...): [] when it can.
+    unavailable_reasons: Callable[[], list[str]]
+    # Why it cannot take these inputs for this op, given that it is available: [] when it can.
+    input_reasons: Callable[[str, tuple], list[str]]
+
+    def not_supported_reasons(self, op: str, args: tuple = ()) -> list[str]:
+        if op not in self.kernels:
+            return [f"has no {op} kernel"]
+        return self.unavailable_reasons() or self.input_reasons(op, args)
+
+
+_BACKENDS: dict[str, Backend] = {}
+PRIORITY: list[str] = []  # best first
+OPS: list[str] = []  # every op name, in definition order
+
+_priorities: dict[str, int] = {}
+_api_choice: dict[str, str] = {}
+_context_stack: list[dict[str, str]] = []
+_env_cache: tuple[Optional[str], dict[str, str]] = (None, {})
+
+
+def register_backend(backend: Backend, *, priority: int) -> None:
+    """Add a backend; lower ``priority`` is tried first."""
+    _BACKENDS[backend.name] = backend
+    _priorities[backend.name] = priority
+    PRIORITY[:] = sorted(_BACKENDS, key=_priorities.__getitem__)
+
+
+def register_op(name: str) -> None:
+    if name not in OPS:
+        OPS.append(name)
+
+
+def backends() -> list[Backend]:
+    return [_BACKENDS[n] for n in PRIORITY]
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {sorted(_BACKENDS)}, got {name!r}")
+    return _BACKENDS[name]
+
+
+def _parse(spec: str, source: str) -> dict[str, str]:
+    """'reference' or 'grouped_mm=reference,combine=triton' -> {op or '*': backend}."""
+    choice: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        op, _, name = item.rpartition("=")
+        _check_choice(op or ALL_OPS, name, source)
+        choice[op or ALL_OPS] = name
+    return choice
+
+
+def _check_choice(op: str, name: str, source: str) -> None:
+    if op != ALL_OPS and op not in OPS:
+        raise ValueError(f"{source}: unknown op {op!r}; expected one of {OPS}")
+    if name not in _BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {list(PRIORITY)}")
+
+
+def _env_choice() -> dict[str, str]:
+    global _env_cache
+    spec = os.environ.get(ENV_VAR)
+    if spec != _env_cache[0]:
+        _env_cache = (spec, _parse(spec or "", ENV_VAR))
+    return _env_cache[1]
+
+
+def forced_backend(op: str) -> Optional[str]:
+    """The backend forced for ``op`` by context, API or environment, if any."""
+    for layer in (*reversed(_context_stack), _api_choice, _env_choice()):
+        for key in (op, ALL_OPS):
+            if key in layer:
+                return layer[key]
+    return None
+
+
+def set_backend(backend: Optional[str], op: Optional[str] = None) -> None:
+    """Force ``backend`` for ``op`` (every op when None); ``backend=None`` restores the default."""
+    key = op or ALL_OPS
+    if backend is None:
+        _api_choice.pop(key, None)
+        return
+    _check_choice(key, backend, "set_backend")
+    _api_choice[key] = backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: Optional[str] = None, **per_op: str) -> Iterator[None]:
+    """Force a backend for every op (``use_backend("reference")``) or per op (``use_backend(grouped_mm="torch")``)."""
+    layer = dict(per_op)
+    if backend is not None:
+        layer[ALL_OPS] = backend
+    for op, name in layer.items():
+        _check_choice(op, name, "use_backend")
+    _context_stack.append(layer)
+    try:
+        yield
+    finally:
+        _context_stack.pop()
+
+
+def _report(op: str, reasons: Mapping[str, Sequence[str]]) -> str:
+    lines = [f"moe::{op}: no backend can run these inputs:"]
+    lines += [f"  {name}: {'; '.join(r)}" for name, r in reasons.items()]
+    return "\n".join(lines)
+
+
+def choose(op: str, args: tuple) -> Backend:
+    forced = forced_backend(op)
+    if forced is not None:
+        backend = _BACKENDS[forced]
+        reasons = backend.not_supported_reasons(op, args)
+        if reasons:
+            raise NoBackendError(_report(op, {f"{forced} (forced)": reasons}))
+        return backend
+    all_reasons = {}
+    for backend in backends():
+        reasons = backend.not_supported_reasons(op, args)
+        if not reasons:
+            return backend
+        all_reasons[backend.name] = reasons
+    raise NoBackendError(_report(op, all_reasons))
+
+
+def call(op: str, *args):
+    """Run ``op`` on ``args`` with the chosen backend's kernel."""
+    return choose(op, args).kernels[op](*args)
+
+
+def support_table() -> list[tuple[str, dict[str, list[str]]]]:
+    """Per op, per backend, the reasons it is unavailable here ([] = available)."""
+    return [(op, {b.name: b.not_supported_reasons(op) for b in backends()}) for op in OPS]
