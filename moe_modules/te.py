@@ -13,6 +13,10 @@ INSTALL_HINT = (
 )
 
 
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
 def require_transformer_engine() -> None:
     if importlib.util.find_spec("transformer_engine") is None:
         raise ImportError(INSTALL_HINT)
