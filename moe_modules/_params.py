@@ -41,4 +41,10 @@ def init_expert_params(module: nn.Module, buffer_device, init_std: float = 0.02)
 
 def local(t):
     """The local shard of a (possibly DTensor) parameter, keeping autograd to it."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    # isinstance, not hasattr(t, "to_local"): under Dynamo that hasattr is False for a DTensor.
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(t, DTensor):
+            return t.to_local()
+    return t

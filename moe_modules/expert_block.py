@@ -62,16 +62,17 @@ def run_local_experts(
     b2: Optional[Tensor],
     act: Activation,
     expert_start: int = 0,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``y[t] = sum_k w[t,k] (act(x[t] W1[e] + b1[e]) W2[e] + b2[e])`` over the pairs whose expert
-    ``e = indices[t,k]`` is local (``expert_start <= e < expert_start + w1.shape[0]``)."""
+    ``e = indices[t,k]`` is local (``expert_start <= e < expert_start + w1.shape[0]``).
+
+    ``out_dtype`` (default ``x.dtype``): dtype of ``y``; expert parallelism asks for float32 partial
+    sums so that the cross-rank reduction does not round each rank's share to bfloat16 first."""
     pair_of_row, row_of_pair, _, offsets = moe_ops.route(indices, token_mask, expert_start, w1.shape[0])
     probs = permuted_probs(weights, pair_of_row)
-    h = moe_ops.grouped_mm(moe_ops.gather(x, row_of_pair, offsets), w1, offsets)
-    if b1 is not None:
-        h = moe_ops.add_expert_bias(h, b1, offsets)
-    a = moe_ops.activation(h, probs, act.kind, act.alpha, act.limit, act.linear_offset)
-    out = moe_ops.grouped_mm(a, w2, offsets)
-    if b2 is not None:
-        out = moe_ops.add_expert_bias(out, b2, offsets, probs)
-    return moe_ops.combine(out, row_of_pair, offsets)
+    # The fused ops compute exactly gather -> grouped_mm(W1) [+ b1] -> activation * prob and
+    # grouped_mm(W2) [+ prob * b2] -> combine, without the permuted copies (moe_ops/ops/fused.py).
+    a, _ = moe_ops.expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, act.kind, act.alpha, act.limit,
+                             act.linear_offset)
+    return moe_ops.expert_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype)

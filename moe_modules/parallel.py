@@ -1,24 +1,50 @@
-"""Expert parallelism over a 1-D ``DeviceMesh``: parameter sharding and token movement."""
+"""Expert parallelism over a 1-D ``DeviceMesh``: parameter sharding and token movement.
+
+* :func:`apply_ep` shards the four expert parameters ``Shard(0)`` (``E / ep_size`` experts per rank).
+* ``GroupedExperts`` moves tokens by all-gather / reduce-scatter (:mod:`moe_modules.ep_all_gather`).
+* ``GroupedExpertsDeepEP`` moves them by all-to-all dispatch / combine (:mod:`moe_modules.ep_all_to_all`).
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 from torch import nn
 
 from moe_modules._params import PARAM_NAMES
+from moe_modules.ep_all_gather import all_gather_experts
+from moe_modules.ep_all_to_all import AllToAllDispatcher
+
+__all__ = ["apply_ep", "all_gather_experts", "AllToAllDispatcher"]
 
 
-def apply_ep(module: nn.Module, ep_mesh) -> nn.Module:
-    """Shard the four expert parameters ``Shard(0)`` over ``ep_mesh`` and set up the module's token movement."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+def apply_ep(module: nn.Module, ep_mesh, *, reduce_dtype: Optional[torch.dtype] = torch.float32) -> nn.Module:
+    """Shard the four expert parameters ``Shard(0)`` over the 1-D ``ep_mesh`` and set up token movement.
 
+    The state-dict keys stay the same; their values become DTensors whose ``full_tensor()`` is the
+    unsharded parameter.  Every rank must hold the same full parameters (they are scattered from
+    the mesh's first rank).  ``reduce_dtype``: dtype in which ``GroupedExperts`` sums the ranks'
+    partial outputs (``None``: the input dtype); ``GroupedExpertsDeepEP`` sums in float32 always.
+    """
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    if ep_mesh.ndim != 1:
+        raise ValueError(f"ep_mesh: expected a 1-D DeviceMesh (e.g. mesh['ep']), "
+                         f"got a {ep_mesh.ndim}-D mesh of shape {tuple(ep_mesh.shape)}")
     ep_size = ep_mesh.size()
     E = module.config.n_routed_experts
     if E % ep_size:
         raise ValueError(f"ep_mesh: n_routed_experts={E} must be divisible by the EP size, got ep_size={ep_size}")
     for name in PARAM_NAMES:
         p = getattr(module, name)
+        if isinstance(p, DTensor):
+            raise ValueError(f"{name}: expected a plain tensor, got a DTensor (apply_ep was already applied)")
+    for name in PARAM_NAMES:
+        p = getattr(module, name)
         if p is not None:
             setattr(module, name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)]), p.requires_grad))
+    module.ep_reduce_dtype = reduce_dtype
     if hasattr(module, "init_token_dispatcher"):
         module.init_token_dispatcher(ep_mesh)
     else:

@@ -10,6 +10,7 @@ from moe_ops.ops.permute import gather, combine, pair_dot
 from moe_ops.ops.grouped_mm import grouped_mm, grouped_mm_wgrad
 from moe_ops.ops.bias import add_expert_bias, expert_bias_backward
 from moe_ops.ops.activation import GATED, activation, activation_backward, check_activation
+from moe_ops.ops.fused import expert_down, expert_down_backward, expert_up, expert_up_backward
 from moe_ops import backends as _backends  # noqa: F401  (registers the backends)
 from moe_ops.registry import NoBackendError, set_backend, use_backend
 
@@ -24,6 +25,10 @@ __all__ = [
     "expert_bias_backward",
     "activation",
     "activation_backward",
+    "expert_up",
+    "expert_up_backward",
+    "expert_down",
+    "expert_down_backward",
     "GATED",
     "check_activation",
     "NoBackendError",

@@ -53,15 +53,17 @@ PRIORITY: list[str] = []  # best first
 OPS: list[str] = []  # every op name, in definition order
 
 _priorities: dict[str, int] = {}
+_op_priorities: dict[str, dict[str, int]] = {}  # backend -> {op: priority overriding its own}
 _api_choice: dict[str, str] = {}
 _context_stack: list[dict[str, str]] = []
 _env_cache: tuple[Optional[str], dict[str, str]] = (None, {})
 
 
-def register_backend(backend: Backend, *, priority: int) -> None:
-    """Add a backend; lower ``priority`` is tried first."""
+def register_backend(backend: Backend, *, priority: int, op_priorities: Optional[Mapping[str, int]] = None) -> None:
+    """Add a backend; lower ``priority`` is tried first; ``op_priorities`` overrides it for some ops."""
     _BACKENDS[backend.name] = backend
     _priorities[backend.name] = priority
+    _op_priorities[backend.name] = dict(op_priorities or {})
     PRIORITY[:] = sorted(_BACKENDS, key=_priorities.__getitem__)
 
 
@@ -70,8 +72,11 @@ def register_op(name: str) -> None:
         OPS.append(name)
 
 
-def backends() -> list[Backend]:
-    return [_BACKENDS[n] for n in PRIORITY]
+def backends(op: Optional[str] = None) -> list[Backend]:
+    """Every backend, best first (for ``op``, with its per-op priorities)."""
+    if op is None:
+        return [_BACKENDS[n] for n in PRIORITY]
+    return [_BACKENDS[n] for n in sorted(PRIORITY, key=lambda n: _op_priorities[n].get(op, _priorities[n]))]
 
 
 def get_backend(name: str) -> Backend:
@@ -154,7 +159,7 @@ def choose(op: str, args: tuple) -> Backend:
             raise NoBackendError(_report(op, {f"{forced} (forced)": reasons}))
         return backend
     all_reasons = {}
-    for backend in backends():
+    for backend in backends(op):
         reasons = backend.not_supported_reasons(op, args)
         if not reasons:
             return backend
@@ -169,4 +174,4 @@ def call(op: str, *args):
 
 def support_table() -> list[tuple[str, dict[str, list[str]]]]:
     """Per op, per backend, the reasons it is unavailable here ([] = available)."""
-    return [(op, {b.name: b.not_supported_reasons(op) for b in backends()}) for op in OPS]
+    return [(op, {b.name: b.not_supported_reasons(op) for b in backends(op)}) for op in OPS]

@@ -4,14 +4,18 @@ Written for clarity and exactness, not speed: each kernel is a direct
 transcription of the op's definition, accumulating in float32 (float64 for
 float64 inputs), with no host synchronisation.  Grouped GEMMs loop over the
 groups and keep each row's product only for its own group, so a NaN in one
-expert's rows or weights never reaches another expert's rows.
+expert's rows or weights never reaches another expert's rows.  Outputs are
+contiguous whatever the input strides, as the ops' fakes declare.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
+from moe_ops.ops import fused_composition
 from moe_ops.registry import Backend
 
 
@@ -50,7 +54,7 @@ def gather(x, row_of_pair, offsets, weights):
         vals = (vals.to(_acc(x.dtype)) * weights.to(_acc(x.dtype)).unsqueeze(-1)).to(x.dtype)
     vals = torch.where(_valid_pairs(row_of_pair, offsets).unsqueeze(-1), vals, 0)
     out = x.new_zeros(T * K, x.shape[1])
-    return out.index_copy_(0, row_of_pair.reshape(-1), vals.reshape(T * K, -1))
+    return out.index_copy_(0, row_of_pair.reshape(-1), vals.reshape(T * K, x.shape[1]))  # T may be 0
 
 
 def _pair_rows(rows, row_of_pair):
@@ -69,7 +73,7 @@ def combine(rows, row_of_pair, offsets, weights):
 def pair_dot(a, rows, row_of_pair, offsets):
     acc = _acc(a.dtype)
     dots = (_pair_rows(rows, row_of_pair).to(acc) * a.to(acc).unsqueeze(1)).sum(-1)
-    return torch.where(_valid_pairs(row_of_pair, offsets), dots, 0)
+    return torch.where(_valid_pairs(row_of_pair, offsets), dots, 0).contiguous()
 
 
 def grouped_mm(a, b, offsets):
@@ -104,7 +108,7 @@ def add_expert_bias(h, bias, offsets, probs):
     acc = _acc(h.dtype)
     if probs is not None:
         b_rows = b_rows.to(acc) * probs.reshape(-1, 1).to(acc)
-    return (h.to(acc) + torch.where(valid, b_rows.to(acc), 0)).to(h.dtype)
+    return (h.to(acc) + torch.where(valid, b_rows.to(acc), 0)).to(h.dtype).contiguous()
 
 
 def expert_bias_backward(grad, bias, offsets, probs):
@@ -167,7 +171,7 @@ def activation(h, probs, kind, alpha, limit, linear_offset):
     out, _ = _act_forward_backward(h.to(acc), kind, alpha, limit, linear_offset)
     if probs is not None:
         out = out * probs.reshape(-1, 1).to(acc)
-    return out.to(h.dtype)
+    return out.to(h.dtype).contiguous()
 
 
 def activation_backward(grad, h, probs, kind, alpha, limit, linear_offset):
@@ -179,8 +183,12 @@ def activation_backward(grad, h, probs, kind, alpha, limit, linear_offset):
         grad_probs = h.new_empty(0, dtype=torch.float32)
     else:
         grad_probs = (g * out).sum(1).to(probs.dtype).reshape(probs.shape)
-    return grad_h.to(h.dtype), grad_probs
+    return grad_h.to(h.dtype).contiguous(), grad_probs
 
+
+# ---- the fused ops, composed from the kernels above (the oracle for the fused kernels) ----
+
+_FUSED = fused_composition.kernels(sys.modules[__name__])
 
 KERNELS = {
     "route": route,
@@ -193,6 +201,7 @@ KERNELS = {
     "expert_bias_backward": expert_bias_backward,
     "activation": activation,
     "activation_backward": activation_backward,
+    **_FUSED,
 }
 
 BACKEND = Backend(

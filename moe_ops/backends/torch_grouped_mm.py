@@ -4,12 +4,17 @@ Taken only where it has its fast path (CUTLASS, no host sync): CUDA sm90 or
 sm100 with bfloat16 and 16-byte-aligned rows.  Elsewhere ``torch._grouped_mm``
 falls back to a per-expert loop that copies the offsets to the host, so this
 backend declines and the registry moves on.
+
+It also runs the fused ops (``expert_up``, ``expert_down`` and their backwards)
+as their step-by-step composition (``moe_ops/ops/fused_composition.py``): its own
+GEMMs, and ``torch.ops.moe.*`` for the other steps, which go to their best backend.
 """
 
 from __future__ import annotations
 
 import torch
 
+from moe_ops.ops import fused_composition
 from moe_ops.registry import Backend
 
 _FAST_CAPABILITIES = {(9, 0), (10, 0)}
@@ -21,8 +26,13 @@ def _zero_rows_past_end(out, offsets):
     return out.masked_fill_((rows >= offsets[-1]).unsqueeze(1), 0)
 
 
+def _row_or_column_major(t):
+    # CUTLASS takes the weights in either layout (a transposed view as is, no copy).
+    return t if t.stride(-1) == 1 or t.stride(-2) == 1 else t.contiguous()
+
+
 def grouped_mm(a, b, offsets):
-    out = torch._grouped_mm(a.contiguous(), b.contiguous(), offs=offsets)
+    out = torch._grouped_mm(a.contiguous(), _row_or_column_major(b), offs=offsets)
     return _zero_rows_past_end(out, offsets)
 
 
@@ -41,8 +51,28 @@ def _unavailable() -> list[str]:
     return []
 
 
+class _Steps:
+    """This backend's GEMMs; every other step through its op (torch.ops.moe.*, resolved when called)."""
+
+    grouped_mm = staticmethod(grouped_mm)
+    grouped_mm_wgrad = staticmethod(grouped_mm_wgrad)
+
+    def __getattr__(self, name):
+        return getattr(torch.ops.moe, name)
+
+
+# The operands of the GEMMs each op runs: (rows operand, weight) positions in its arguments.
+_GEMM_OPERANDS = {
+    "grouped_mm": (0, 1), "grouped_mm_wgrad": (0, 1),
+    "expert_up": (0, 4), "expert_up_backward": (1, 6), "expert_down": (0, 1), "expert_down_backward": (1, 2),
+}
+
+
 def _input_reasons(op: str, args: tuple) -> list[str]:
-    first, second = args[0], args[1]
+    if not args:  # asked without inputs (the support table)
+        return []
+    i, j = _GEMM_OPERANDS[op]
+    first, second = args[i], args[j]
     reasons = []
     if first.device.type != "cuda":
         return [f"inputs are on {first.device.type}; needs CUDA"]
@@ -51,7 +81,9 @@ def _input_reasons(op: str, args: tuple) -> list[str]:
         reasons.append(f"needs sm90/sm100 for the fast path, got sm{cap[0]}{cap[1]}")
     if first.dtype != torch.bfloat16:
         reasons.append(f"needs bfloat16, got {str(first.dtype).replace('torch.', '')}")
-    widths = {"a": first.shape[1], "b": second.shape[-1]}
+    widths = {"rows": first.shape[1], "weights": second.shape[-1]}
+    if op.startswith("expert_"):
+        widths["weights (inner)"] = second.shape[1]
     for name, width in widths.items():
         if (width * first.element_size()) % 16:
             reasons.append(f"rows of {name} ({width} elements) are not a multiple of 16 bytes")
@@ -63,7 +95,7 @@ def _input_reasons(op: str, args: tuple) -> list[str]:
 BACKEND = Backend(
     name="torch",
     description="torch._grouped_mm (CUTLASS) for the expert GEMMs on CUDA sm90/sm100, bfloat16",
-    kernels={"grouped_mm": grouped_mm, "grouped_mm_wgrad": grouped_mm_wgrad},
+    kernels={"grouped_mm": grouped_mm, "grouped_mm_wgrad": grouped_mm_wgrad, **fused_composition.kernels(_Steps())},
     unavailable_reasons=_unavailable,
     input_reasons=_input_reasons,
 )

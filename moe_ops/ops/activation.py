@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from moe_ops import _checks, registry
+from moe_ops.ops import activation_second_order
 
 registry.register_op("activation")
 registry.register_op("activation_backward")
@@ -48,6 +49,14 @@ def _out_width(h: Tensor, kind: str):
     return h.shape[1] // 2 if GATED[kind] else h.shape[1]
 
 
+def _validate_backward(grad: Tensor, h: Tensor, probs: Optional[Tensor], kind: str) -> None:
+    _validate(h, probs, kind)
+    _checks.tensor("grad", grad, dim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.size("grad", grad.shape[0], h.shape[0], "number of rows (dim 0 of h)")
+    _checks.size("grad", grad.shape[1], _out_width(h, kind), f"width of the {kind} output")
+    _checks.same_device(h=h, grad=grad)
+
+
 @torch.library.custom_op("moe::activation", mutates_args=())
 def _activation(
     h: Tensor, probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float], linear_offset: float
@@ -66,14 +75,13 @@ def _(h, probs, kind, alpha, limit, linear_offset):
 def _activation_backward(
     grad: Tensor, h: Tensor, probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float], linear_offset: float
 ) -> tuple[Tensor, Tensor]:
-    _validate(h, probs, kind)
+    _validate_backward(grad, h, probs, kind)
     return registry.call("activation_backward", grad, h, probs, kind, alpha, limit, linear_offset)
 
 
 @_activation_backward.register_fake
 def _(grad, h, probs, kind, alpha, limit, linear_offset):
-    _validate(h, probs, kind)
-    _checks.tensor("grad", grad, dim=2)
+    _validate_backward(grad, h, probs, kind)
     grad_probs = h.new_empty(0, dtype=torch.float32) if probs is None else torch.empty_like(probs)
     return torch.empty_like(h, memory_format=torch.contiguous_format), grad_probs
 
@@ -91,6 +99,10 @@ def _backward(ctx, grad):
 
 
 _activation.register_autograd(_backward, setup_context=_setup)
+# Double backward (gradient penalties, Hessian-vector products, opcheck's aot_dispatch test).
+_activation_backward.register_autograd(
+    activation_second_order.double_backward, setup_context=activation_second_order.setup_double_backward
+)
 
 
 def activation(

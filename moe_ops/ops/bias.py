@@ -51,7 +51,7 @@ def _expert_bias_backward(
 def _(grad, bias, offsets, probs):
     _validate(grad, bias, offsets, probs)
     grad_probs = grad.new_empty(0, dtype=torch.float32) if probs is None else torch.empty_like(probs)
-    return torch.empty_like(bias), grad_probs
+    return torch.empty_like(bias, memory_format=torch.contiguous_format), grad_probs
 
 
 def _setup(ctx, inputs, output):
@@ -67,6 +67,31 @@ def _backward(ctx, grad):
 
 
 _add_expert_bias.register_autograd(_backward, setup_context=_setup)
+
+
+def _bias_backward_setup(ctx, inputs, output):
+    grad, bias, offsets, probs = inputs
+    ctx.save_for_backward(grad, bias, offsets, probs)
+
+
+def _bias_double_backward(ctx, gg_bias, gg_probs):
+    # grad_bias[g] = sum_r p[r] grad[r] and grad_probs[r] = <grad[r], bias[g(r)]> are bilinear:
+    # each cotangent maps back through add_expert_bias / expert_bias_backward themselves.
+    grad, bias, offsets, probs = ctx.saved_tensors
+    gg_bias = gg_bias.contiguous()
+    d_grad = d_bias = d_probs = None
+    if ctx.needs_input_grad[0]:
+        d_grad = add_expert_bias(grad.new_zeros(grad.shape), gg_bias, offsets, probs)
+        if probs is not None:
+            d_grad = add_expert_bias(d_grad, bias, offsets, gg_probs.reshape(probs.shape))
+    if probs is not None and ctx.needs_input_grad[1]:
+        d_bias = expert_bias_backward(grad, bias, offsets, gg_probs.reshape(probs.shape))[0]
+    if probs is not None and ctx.needs_input_grad[3]:
+        d_probs = expert_bias_backward(grad, gg_bias, offsets, probs)[1]
+    return d_grad, d_bias, None, d_probs
+
+
+_expert_bias_backward.register_autograd(_bias_double_backward, setup_context=_bias_backward_setup)
 
 
 def add_expert_bias(h: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor] = None) -> Tensor:

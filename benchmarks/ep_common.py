@@ -1,0 +1,143 @@
+"""What the expert-parallel GPU scripts share: process group, inputs, timing, table and JSON output.
+
+Both scripts run under ``torchrun`` (NCCL on GPUs; ``--device cpu`` uses gloo so their logic can be
+checked on a laptop).  Nothing here enables NVLink multicast: ``NCCL_NVLS_ENABLE`` is left as the
+machine sets it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device_kind: str):
+    """``(rank, world_size, device, ep_mesh)`` from torchrun's environment."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if device_kind == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device; use --device cpu for a gloo dry run")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=120), device_id=device if backend == "nccl" else None)
+    world_size = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("ep",))
+    return dist.get_rank(), world_size, device, mesh
+
+
+def routed_tokens(num_tokens: int, num_experts: int, top_k: int, dim: int, dtype, device, seed: int,
+                  mask_fraction: float = 0.0) -> dict:
+    """Random tokens with top-k routing over all experts (balanced in expectation); the same on every
+    rank for the same seed and device type."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scores = torch.rand(num_tokens, num_experts, generator=gen, device=device)
+    top = scores.topk(top_k, dim=1)
+    return {
+        "x": torch.randn(num_tokens, dim, generator=gen, device=device).to(dtype),
+        "token_mask": torch.rand(num_tokens, generator=gen, device=device) >= mask_fraction,
+        "weights": torch.softmax(top.values, dim=1).to(dtype),
+        "indices": top.indices,
+        "grad_y": torch.randn(num_tokens, dim, generator=gen, device=device).to(dtype),
+    }
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``fn`` on each rank (started together), then the maximum over ranks (a
+    collective step is as slow as its slowest rank).  Every rank must call it with the same arguments."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    dist.barrier()
+    return max_over_ranks(local_median_ms(fn, device, 0, iters), device)
+
+
+def local_median_ms(fn: Callable[[], object], device, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``fn`` on this rank alone (no collective: safe inside try/except)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def max_over_ranks(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Norm-wise relative error in float64 (0 when both are empty or zero)."""
+    a, b = actual.detach().double(), expected.detach().double()
+    denom = b.norm()
+    return float((a - b).norm() / denom) if denom > 0 else float(a.norm())
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def finish(code: int) -> None:
+    """Tear the process group down and leave without Python's interpreter finalisation.
+
+    Seen on gloo (torch 2.13): a rank sometimes aborts ("terminate called without an active
+    exception") while the interpreter is being finalised after a clean destroy_process_group.
+    Everything is written and flushed by then, so skip finalisation."""
+    dist.barrier()  # nobody tears the group down while rank 0 still writes
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def write_json(filename: str, data: dict) -> None:
+    """Write ``data`` to ``$OUT/filename`` when ``OUT`` is set (rank 0 only)."""
+    out = os.environ.get("OUT")
+    if out and dist.get_rank() == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, filename), "w") as f:
+            json.dump(data, f, indent=2)
+        print(f"wrote {os.path.join(out, filename)}")
+
+
+def environment(device) -> dict:
+    info = {"torch": torch.__version__, "world_size": dist.get_world_size(), "backend": dist.get_backend(),
+            "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE")}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

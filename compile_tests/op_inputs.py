@@ -1,0 +1,84 @@
+"""Inputs for every ``moe`` op, float inputs requiring grad, for opcheck and gradcheck.
+
+Each routing scenario gives ``indices``, ``token_mask`` and the routed ``row_of_pair`` /
+``offsets``; :func:`op_samples` then builds the arguments of every op (and of each optional-
+argument variant) on them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+import moe_ops
+from compile_tests.builders import DEVICE
+
+E, K, C = 3, 2, 8  # groups, slots per token, row width (even: gated activations split it)
+
+# name -> (T, fraction of tokens masked out): a typical batch, one token, nothing routed.
+SCENARIOS = {"typical": (5, 0.2), "one_token": (1, 0.0), "all_masked": (3, 1.0)}
+
+
+def routing(scenario: str, seed: int = 0):
+    T, masked = SCENARIOS[scenario]
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randint(-1, E, (T, K), generator=g).to(DEVICE)
+    token_mask = (torch.rand(T, generator=g) >= masked).to(DEVICE)
+    pair_of_row, row_of_pair, _, offsets = moe_ops.route(indices, token_mask, 0, E)
+    return indices, token_mask, pair_of_row, row_of_pair, offsets
+
+
+def op_samples(scenario: str, dtype: torch.dtype, seed: int = 0) -> Iterator[tuple[str, object, tuple]]:
+    """``(id, op, args)`` for every op and variant."""
+    indices, token_mask, pair_of_row, row_of_pair, offsets = routing(scenario, seed)
+    T = indices.shape[0]
+    R = T * K
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def leaf(*shape, positive=False):
+        t = torch.rand(*shape, generator=g) if positive else torch.randn(*shape, generator=g)
+        return t.to(DEVICE, dtype).requires_grad_()
+
+    ops = torch.ops.moe
+    yield "route", ops.route.default, (indices, token_mask, 0, E)
+    yield "route-local_slice", ops.route.default, (indices, token_mask, 1, 1)
+    yield "gather", ops.gather.default, (leaf(T, C), row_of_pair, offsets, leaf(T, K, positive=True))
+    yield "gather-no_weights", ops.gather.default, (leaf(T, C), row_of_pair, offsets, None)
+    yield "combine", ops.combine.default, (leaf(R, C), row_of_pair, offsets, leaf(T, K, positive=True))
+    yield "combine-no_weights", ops.combine.default, (leaf(R, C), row_of_pair, offsets, None)
+    yield "pair_dot", ops.pair_dot.default, (leaf(T, C), leaf(R, C), row_of_pair, offsets)
+    yield "grouped_mm", ops.grouped_mm.default, (leaf(R, C), leaf(E, C, C + 2), offsets)
+    yield "grouped_mm_wgrad", ops.grouped_mm_wgrad.default, (leaf(R, C), leaf(R, C + 2), offsets)
+    for name, probs in (("", leaf(R, positive=True)), ("-probs_column", leaf(R, 1, positive=True)),
+                        ("-no_probs", None)):
+        yield f"add_expert_bias{name}", ops.add_expert_bias.default, (leaf(R, C), leaf(E, C), offsets, probs)
+        yield (f"expert_bias_backward{name}", ops.expert_bias_backward.default,
+               (leaf(R, C), leaf(E, C), offsets, probs))
+    for kind in moe_ops.GATED:
+        width = C // 2 if moe_ops.GATED[kind] else C
+        for name, probs in (("", leaf(R, positive=True)), ("-no_probs", None)):
+            params = (kind, 1.702, 7.0, 1.0)
+            # 3 * randn: some gate/up values pass quick_geglu's clamp at 7.
+            h = (3 * leaf(R, C)).detach().requires_grad_()
+            yield f"activation-{kind}{name}", ops.activation.default, (h, probs, *params)
+            yield (f"activation_backward-{kind}{name}", ops.activation_backward.default,
+                   (leaf(R, width), h, probs, *params))
+    # The fused steps (moe_ops/ops/fused.py): x [T, C] -> (a [R, width], h [R, up]) and a -> y [T, C].
+    routed = (pair_of_row, row_of_pair, offsets)
+    for kind in moe_ops.GATED:
+        up = 2 * C if moe_ops.GATED[kind] else C
+        width = up // 2 if moe_ops.GATED[kind] else up
+        params = (kind, 1.702, 7.0, 1.0)
+        for name, b1, probs in (("", leaf(E, up), leaf(R, positive=True)), ("-no_bias_no_probs", None, None)):
+            x, w1 = leaf(T, C), leaf(E, C, up)
+            yield f"expert_up-{kind}{name}", ops.expert_up.default, (x, *routed, w1, b1, probs, *params)
+            h = (3 * leaf(R, up)).detach()  # the saved pre-activation: no gradient (non-differentiable output)
+            yield (f"expert_up_backward-{kind}{name}", ops.expert_up_backward.default,
+                   (leaf(R, width), x, h, *routed, w1, b1, probs, *params))
+    for name, b2, probs in (("", leaf(E, C), leaf(R, positive=True)), ("-no_probs", leaf(E, C), None),
+                            ("-no_bias", None, leaf(R, positive=True))):
+        a, w2 = leaf(R, C // 2), leaf(E, C // 2, C)
+        yield f"expert_down{name}", ops.expert_down.default, (a, w2, b2, probs, *routed, None)
+        yield f"expert_down{name}-float32_out", ops.expert_down.default, (a, w2, b2, probs, *routed, torch.float32)
+        yield f"expert_down_backward{name}", ops.expert_down_backward.default, (leaf(T, C), a, w2, b2, probs, *routed)

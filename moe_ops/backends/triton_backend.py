@@ -1,0 +1,103 @@
+"""The ``triton`` backend: this project's Triton kernels (``moe_ops/backends/triton_kernels``).
+
+Every ``moe`` op has a kernel here, each a ``torch.library.triton_op`` named
+``torch.ops.moe_triton.<op>``.  Triton is imported only when a kernel first runs: this
+module looks for it with ``importlib.util.find_spec``.
+
+Runs on CUDA with bfloat16, float16 or float32; float64 is left to the reference backend.
+With ``TRITON_INTERPRET=1`` the kernels run in Triton's interpreter and CPU tensors are
+accepted, so CI without a GPU checks them (slowly: tiny shapes only).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import torch
+
+from moe_ops.registry import Backend
+
+_KERNELS_MODULE = "moe_ops.backends.triton_kernels"
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Groups (experts) and routing bins are held in one vector of next_pow2(E + 2) lanes.
+MAX_EXPERTS = 1022
+
+OPS = (
+    "route", "gather", "combine", "pair_dot", "grouped_mm", "grouped_mm_wgrad", "add_expert_bias",
+    "expert_bias_backward", "activation", "activation_backward",
+    "expert_up", "expert_up_backward", "expert_down", "expert_down_backward",
+)
+
+
+def _loaded_interpreted():
+    """None until the kernels are imported; then whether Triton decorated them for its interpreter
+    (it decides once, from TRITON_INTERPRET at that moment)."""
+    common = sys.modules.get(_KERNELS_MODULE + "._common")
+    return None if common is None else common.INTERPRET
+
+
+def _interpreting() -> bool:
+    """``TRITON_INTERPRET=1`` now, and the kernels are (or, not imported yet, will be) interpreted."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and _loaded_interpreted() is not False
+
+
+def _unavailable() -> list[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["triton is not installed (pip install triton)"]
+    if _loaded_interpreted() and not _interpreting():
+        return ["the kernels were loaded for Triton's interpreter in this process (TRITON_INTERPRET=1 was set)"]
+    if not _interpreting() and not torch.cuda.is_available():
+        return ["no CUDA device (TRITON_INTERPRET=1 runs the kernels on the CPU, slowly)"]
+    return []
+
+
+def _experts(op: str, args: tuple) -> int:
+    """Number of groups (0 for the activations, which have none)."""
+    if op == "route":
+        return args[3]
+    offsets = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int32 and a.dim() == 1]
+    return offsets[0].shape[0] if offsets else 0
+
+
+def _input_reasons(op: str, args: tuple) -> list[str]:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors:  # asked without inputs (a support table): nothing to decline yet
+        return []
+    reasons = []
+    devices = {t.device.type for t in tensors}
+    if devices != {"cuda"} and not _interpreting():
+        reasons.append(f"inputs are on {'/'.join(sorted(devices))}; needs CUDA")
+    floats = {t.dtype for t in tensors if t.is_floating_point()}
+    if floats - set(_DTYPES):
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in floats - set(_DTYPES)))
+        reasons.append(f"needs bfloat16, float16 or float32, got {names}")
+    if torch.bfloat16 in floats and "cuda" in devices and torch.cuda.get_device_capability()[0] < 8:
+        reasons.append("bfloat16 needs sm80 or newer")
+    if any(t.numel() == 0 for t in tensors):
+        reasons.append("an input is empty")
+    if any(size >= 2**31 for t in tensors for size in t.shape):
+        reasons.append("a dimension of 2^31 or more (row indices are int32 in the kernels)")
+    if _experts(op, args) > MAX_EXPERTS:
+        reasons.append(f"supports at most {MAX_EXPERTS} experts, got {_experts(op, args)}")
+    return reasons
+
+
+def _kernel(op: str):
+    def run(*args):
+        importlib.import_module(_KERNELS_MODULE)  # imports triton, registers torch.ops.moe_triton.*
+        return getattr(torch.ops.moe_triton, op)(*args)
+
+    run.__name__ = run.__qualname__ = op
+    return run
+
+
+BACKEND = Backend(
+    name="triton",
+    description="this project's Triton kernels (fused expert GEMMs, device-side routing); CUDA, or TRITON_INTERPRET=1",
+    kernels={op: _kernel(op) for op in OPS},
+    unavailable_reasons=_unavailable,
+    input_reasons=_input_reasons,
+)

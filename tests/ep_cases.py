@@ -1,0 +1,278 @@
+"""Expert-parallel test cases, their inputs, and the worker that runs them on one rank.
+
+``tests/test_distributed.py`` launches ``python tests/ep_cases.py --rank R --world-size W --dir DIR``
+once per rank.  The worker joins a gloo group (file rendezvous in DIR, so no port can clash), runs
+every sub-case of :func:`cases` on the one process group, and saves its outputs and gradients to
+``DIR/rank{R}.pt``.  The test process rebuilds the same global inputs from :func:`make_inputs`
+and compares them with the float64 reference.  Both sides import this file, so the cases and the
+inputs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import zlib
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+NUM_EXPERTS, TOP_K, DIM, INTER = 8, 3, 8, 6
+ACTIVATIONS = ("swiglu", "quick_geglu", "relu2")
+PARAM_NAMES = ("gate_and_up_projs", "down_projs", "gate_up_proj_bias", "down_proj_bias")
+GLOO_TIMEOUT_S = 60
+
+# Tokens per rank: uneven counts, and uneven counts with one rank holding none.
+TOKEN_LAYOUTS = {
+    2: {"uneven": (5, 8), "empty_rank": (0, 7)},
+    4: {"uneven": (4, 7, 2, 5), "empty_rank": (6, 0, 3, 5)},
+}
+MODULES = ("GroupedExperts", "GroupedExpertsDeepEP")
+
+
+@dataclass(frozen=True)
+class Case:
+    module: str
+    activation: str
+    bias: bool
+    layout: str
+    compiled: bool = False
+
+    @property
+    def name(self) -> str:
+        mode = "compiled" if self.compiled else "eager"
+        return f"{self.module}-{self.activation}-{'bias' if self.bias else 'nobias'}-{self.layout}-{mode}"
+
+    def eager(self) -> "Case":
+        return Case(self.module, self.activation, self.bias, self.layout, False)
+
+
+def cases(world_size: int) -> list[Case]:
+    eager = [Case(m, a, b, layout) for m in MODULES for a in ACTIVATIONS for b in (False, True)
+             for layout in TOKEN_LAYOUTS[world_size]]
+    # torch.compile(fullgraph=True) of both modules on the hardest layout (a rank with no token).
+    compiled = [Case(m, "quick_geglu", True, "empty_rank", compiled=True) for m in MODULES]
+    return eager + compiled
+
+
+def token_counts(case: Case, world_size: int) -> tuple[int, ...]:
+    return TOKEN_LAYOUTS[world_size][case.layout]
+
+
+def config(activation: str, bias: bool, dtype=torch.float32, num_experts: int = NUM_EXPERTS):
+    from moe_modules import MoEConfig
+
+    return MoEConfig(n_routed_experts=num_experts, n_activated_experts=TOP_K, dim=DIM, moe_inter_dim=INTER,
+                     expert_activation=activation, expert_bias=bias, dtype=dtype)
+
+
+def make_inputs(case: Case, world_size: int) -> dict:
+    """The global (all ranks' tokens, concatenated in rank order) float32 inputs of a case."""
+    seed = zlib.crc32(f"{case.activation}-{case.bias}-{case.layout}-{world_size}".encode())  # same in every process
+    gen = torch.Generator().manual_seed(seed)
+    T = sum(token_counts(case, world_size))
+    up = INTER * (1 if case.activation == "relu2" else 2)
+    scores = torch.rand(T, NUM_EXPERTS, generator=gen)
+    indices = scores.topk(TOP_K, dim=1).indices
+    indices[torch.rand(T, TOP_K, generator=gen) < 0.15] = -1  # some slots not routed
+    token_mask = torch.rand(T, generator=gen) > 0.2  # some tokens dropped
+    inputs = {
+        "x": torch.randn(T, DIM, generator=gen),
+        "token_mask": token_mask,
+        "weights": torch.rand(T, TOP_K, generator=gen) + 0.1,
+        "indices": indices,
+        "grad_y": torch.randn(T, DIM, generator=gen),
+        "gate_and_up_projs": torch.randn(NUM_EXPERTS, DIM, up, generator=gen) * 0.4,
+        "down_projs": torch.randn(NUM_EXPERTS, INTER, DIM, generator=gen) * 0.4,
+        "gate_up_proj_bias": torch.randn(NUM_EXPERTS, up, generator=gen) * 0.3 if case.bias else None,
+        "down_proj_bias": torch.randn(NUM_EXPERTS, DIM, generator=gen) * 0.3 if case.bias else None,
+    }
+    return inputs
+
+
+def rank_slice(case: Case, world_size: int, rank: int) -> slice:
+    counts = token_counts(case, world_size)
+    start = sum(counts[:rank])
+    return slice(start, start + counts[rank])
+
+
+def expert_slice(world_size: int, rank: int) -> slice:
+    per_rank = NUM_EXPERTS // world_size
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+# ---- the worker ---------------------------------------------------------------------------
+
+
+def build_module(module_name: str, cfg, params: dict, mesh):
+    """A module holding ``params`` (full tensors, identical on every rank), sharded by ``apply_ep``."""
+    import moe_modules
+
+    module = getattr(moe_modules, module_name)(cfg)
+    with torch.no_grad():
+        for name in PARAM_NAMES:
+            if getattr(module, name) is not None:
+                getattr(module, name).copy_(params[name])
+    return moe_modules.apply_ep(module, mesh)
+
+
+def run_case(case: Case, mesh, rank: int, world_size: int) -> dict:
+    inputs = make_inputs(case, world_size)
+    module = build_module(case.module, config(case.activation, case.bias), inputs, mesh)
+    forward = torch.compile(module, fullgraph=True, backend="aot_eager") if case.compiled else module
+    mine = rank_slice(case, world_size, rank)
+    x = inputs["x"][mine].clone().requires_grad_()
+    weights = inputs["weights"][mine].clone().requires_grad_()
+    y = forward(x, inputs["token_mask"][mine], weights, inputs["indices"][mine])
+    (y * inputs["grad_y"][mine]).sum().backward()
+    result = {"y": y.detach(), "x_grad": x.grad, "weights_grad": weights.grad}
+    for name in PARAM_NAMES:
+        p = getattr(module, name)
+        if p is not None:
+            result[name + "_grad"] = None if p.grad is None else p.grad.to_local()
+    return result
+
+
+def check_state_dict_round_trip(mesh, rank: int, world_size: int, directory: str) -> list[str]:
+    """apply_ep keeps the state-dict keys; values are Shard(0) DTensors whose full_tensor() is the
+    single-device tensor; torch.distributed.checkpoint saves and loads them.  Returns failures."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor, Shard
+
+    import moe_modules
+
+    failures = []
+    for module_name in MODULES:
+        case = Case(module_name, "swiglu", True, "uneven")
+        saved = make_inputs(case, world_size)
+        cfg = config("swiglu", True)
+        single = getattr(moe_modules, module_name)(cfg)
+        module = build_module(module_name, cfg, saved, mesh)
+        state = module.state_dict()
+        if list(state) != list(single.state_dict()):
+            failures.append(f"{module_name}: keys {list(state)} != single-device keys {list(single.state_dict())}")
+        for name, value in state.items():
+            if not isinstance(value, DTensor) or tuple(value.placements) != (Shard(0),):
+                failures.append(f"{module_name}.{name}: expected a Shard(0) DTensor, got {type(value).__name__}")
+            elif not torch.equal(value.full_tensor(), saved[name]):
+                failures.append(f"{module_name}.{name}: full_tensor() differs from the single-device tensor")
+            elif not torch.equal(value.to_local(), saved[name][expert_slice(world_size, rank)]):
+                failures.append(f"{module_name}.{name}: the local shard is not this rank's experts")
+        checkpoint = os.path.join(directory, f"checkpoint_{module_name}")
+        dcp.save(state, checkpoint_id=checkpoint)
+
+        other = make_inputs(Case(module_name, "swiglu", True, "empty_rank"), world_size)
+        restored = build_module(module_name, cfg, other, mesh)
+        loaded = restored.state_dict()
+        dcp.load(loaded, checkpoint_id=checkpoint)
+        restored.load_state_dict(loaded)
+        for name in PARAM_NAMES:
+            full = getattr(restored, name).full_tensor()
+            if not torch.equal(full, saved[name]):
+                failures.append(f"{module_name}.{name}: differs after a dcp save/load round trip")
+    return failures
+
+
+def submesh_cases() -> list[Case]:
+    """Cases run at world size 4 on the "ep" dimension of a (dp=2, ep=2) mesh, with world-2 layouts."""
+    return [Case(m, "quick_geglu", True, "empty_rank") for m in MODULES]
+
+
+def check_reshard_load(ep_mesh, saved_world_size: int, directory: str) -> list[str]:
+    """Load the checkpoints saved over all ranks into modules sharded over a smaller EP mesh."""
+    import torch.distributed.checkpoint as dcp
+
+    failures = []
+    for module_name in MODULES:
+        saved = make_inputs(Case(module_name, "swiglu", True, "uneven"), saved_world_size)
+        other = make_inputs(Case(module_name, "swiglu", True, "empty_rank"), saved_world_size)
+        restored = build_module(module_name, config("swiglu", True), other, ep_mesh)
+        loaded = restored.state_dict()
+        dcp.load(loaded, checkpoint_id=os.path.join(directory, f"checkpoint_{module_name}"))
+        restored.load_state_dict(loaded)
+        for name in PARAM_NAMES:
+            if not torch.equal(getattr(restored, name).full_tensor(), saved[name]):
+                failures.append(f"{module_name}.{name}: differs after loading a {saved_world_size}-way checkpoint "
+                                f"into a {ep_mesh.size()}-way EP mesh")
+    return failures
+
+
+def check_bad_meshes(mesh, world_size: int) -> dict:
+    """The messages apply_ep raises for a non-divisible expert count and for a second application."""
+    import moe_modules
+
+    messages = {}
+    for module_name in MODULES:
+        module = getattr(moe_modules, module_name)(config("swiglu", False, num_experts=world_size + 1))
+        try:
+            moe_modules.apply_ep(module, mesh)
+            messages[module_name + "-indivisible"] = None
+        except ValueError as error:
+            messages[module_name + "-indivisible"] = str(error)
+        module = getattr(moe_modules, module_name)(config("swiglu", False))
+        moe_modules.apply_ep(module, mesh)
+        try:
+            moe_modules.apply_ep(module, mesh)
+            messages[module_name + "-twice"] = None
+        except ValueError as error:
+            messages[module_name + "-twice"] = str(error)
+    return messages
+
+
+def worker(rank: int, world_size: int, directory: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import moe_modules
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(directory, "rendezvous"), rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=GLOO_TIMEOUT_S))
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
+    results = {"cases": {}}
+    for case in cases(world_size):
+        results["cases"][case.name] = run_case(case, mesh, rank, world_size)
+    results["state_dict_failures"] = check_state_dict_round_trip(mesh, rank, world_size, directory)
+    results["bad_mesh_messages"] = check_bad_meshes(mesh, world_size)
+    if world_size == 4:
+        # Data parallel x expert parallel: each "dp" replica is an EP group of 2 on mesh["ep"].
+        mesh_2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+        try:
+            moe_modules.apply_ep(moe_modules.GroupedExperts(config("swiglu", False)), mesh_2d)
+            results["mesh_2d_message"] = None
+        except ValueError as error:
+            results["mesh_2d_message"] = str(error)
+        ep_mesh = mesh_2d["ep"]
+        ep_rank = ep_mesh.get_local_rank()
+        results["submesh_ep_rank"] = ep_rank
+        results["submesh_cases"] = {case.name: run_case(case, ep_mesh, ep_rank, 2) for case in submesh_cases()}
+        results["reshard_failures"] = check_reshard_load(ep_mesh, world_size, directory)
+    torch.save(results, os.path.join(directory, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    # Leave without interpreter finalisation: on gloo a rank sometimes aborts there ("terminate called
+    # without an active exception") after a clean teardown; the results are saved by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--dir", required=True)
+    args = parser.parse_args()
+    try:
+        worker(args.rank, args.world_size, args.dir)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # do not wait on peers: the launcher sees the failure at once
+
+
+if __name__ == "__main__":
+    main()

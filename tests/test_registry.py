@@ -1,0 +1,212 @@
+"""The backend registry: default choice, forcing per op and for all ops, precedence, errors, support table."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+import moe_ops
+from moe_ops import registry
+
+ENV = registry.ENV_VAR  # MOE_OPS_BACKEND
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_from_environment(monkeypatch):
+    """These tests set the environment themselves; one set by the caller must not leak in."""
+    monkeypatch.delenv(ENV, raising=False)
+
+
+def cpu_args(make, op: str, **variant) -> tuple:
+    """The CPU arguments of ``op`` (the registry's choice depends on the inputs' device)."""
+    args = getattr(make, op)(**variant)
+    return tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.fixture
+def gemm_args(op_args, mixed_routing):
+    return cpu_args(op_args(mixed_routing, torch.float32, torch.float32), "grouped_mm")
+
+
+@pytest.fixture
+def route_args(mixed_routing):
+    return tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in mixed_routing.args())
+
+
+def run(op: str, args: tuple):
+    return getattr(torch.ops.moe, op)(*args)
+
+
+# ---- default choice ----------------------------------------------------------------------------
+
+
+CPU_ONLY_REFERENCE = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                                        reason="TRITON_INTERPRET=1 lets triton run on the CPU")
+
+
+@CPU_ONLY_REFERENCE
+def test_default_on_cpu_is_reference(routed_variant, mixed_routing, op_args):
+    op, variant = routed_variant
+    args = cpu_args(op_args(mixed_routing, torch.bfloat16, torch.bfloat16), op, **variant)
+    assert registry.forced_backend(op) is None
+    assert registry.choose(op, args).name == "reference"
+
+
+@CPU_ONLY_REFERENCE
+@pytest.mark.parametrize("op", ["activation", "activation_backward"])
+def test_default_on_cpu_is_reference_for_activations(op, op_args):
+    args = cpu_args(op_args(None, torch.bfloat16, torch.bfloat16), op, rows=3, kind="swiglu")
+    assert registry.choose(op, args).name == "reference"
+
+
+@CPU_ONLY_REFERENCE
+def test_default_on_cpu_is_reference_for_route(route_args):
+    assert registry.choose("route", route_args).name == "reference"
+
+
+def test_backends_are_registered_best_first():
+    assert {"reference", "torch"} <= set(registry.PRIORITY)
+    assert registry.PRIORITY[-1] == "reference"  # the oracle is the fallback, never preferred
+    assert [b.name for b in registry.backends()] == registry.PRIORITY
+
+
+# ---- forcing: API, context manager, environment ----------------------------------------------------
+
+
+def test_forced_backend_runs_its_kernel(gemm_args, monkeypatch):
+    calls = []
+    kernels = registry.get_backend("reference").kernels
+    original = kernels["grouped_mm"]
+    monkeypatch.setitem(kernels, "grouped_mm", lambda *a: calls.append("grouped_mm") or original(*a))
+    with moe_ops.use_backend(grouped_mm="reference"):
+        run("grouped_mm", gemm_args)
+    assert calls == ["grouped_mm"]
+
+
+def test_forcing_torch_on_cpu_raises_no_backend_error_with_its_reasons(gemm_args):
+    reasons = registry.get_backend("torch").not_supported_reasons("grouped_mm", gemm_args)
+    assert reasons  # torch._grouped_mm's fast path needs CUDA
+    moe_ops.set_backend("torch", op="grouped_mm")
+    with pytest.raises(moe_ops.NoBackendError) as err:
+        run("grouped_mm", gemm_args)
+    message = str(err.value)
+    assert "grouped_mm" in message and "torch (forced)" in message
+    assert all(reason in message for reason in reasons)
+
+
+def test_forcing_a_backend_without_the_kernel_raises(route_args):
+    with moe_ops.use_backend("torch"), pytest.raises(moe_ops.NoBackendError, match="has no route kernel"):
+        run("route", route_args)
+
+
+def test_set_backend_per_op_and_for_all_ops(gemm_args, route_args):
+    moe_ops.set_backend("torch", op="grouped_mm")
+    assert registry.forced_backend("grouped_mm") == "torch"
+    assert registry.forced_backend("route") is None
+    run("route", route_args)  # other ops keep their default
+    moe_ops.set_backend("reference")  # every op, but the per-op choice is more specific
+    assert registry.forced_backend("route") == "reference"
+    assert registry.forced_backend("grouped_mm") == "torch"
+    moe_ops.set_backend(None, op="grouped_mm")
+    assert registry.forced_backend("grouped_mm") == "reference"
+    moe_ops.set_backend(None)
+    assert registry.forced_backend("grouped_mm") is None
+    run("grouped_mm", gemm_args)
+
+
+def test_context_manager_restores_on_exit_and_on_error(gemm_args):
+    with moe_ops.use_backend(grouped_mm="torch"):
+        assert registry.forced_backend("grouped_mm") == "torch"
+        with moe_ops.use_backend("reference"):  # inner context wins, even for all ops over one op
+            assert registry.forced_backend("grouped_mm") == "reference"
+        assert registry.forced_backend("grouped_mm") == "torch"
+    assert registry.forced_backend("grouped_mm") is None
+    with pytest.raises(moe_ops.NoBackendError), moe_ops.use_backend("torch"):
+        run("grouped_mm", gemm_args)
+    assert registry.forced_backend("grouped_mm") is None
+
+
+@pytest.mark.parametrize("spec", ["grouped_mm=torch", "torch", " grouped_mm = torch , route=reference "])
+def test_environment_variable_forces_backends(spec, gemm_args, route_args, monkeypatch):
+    monkeypatch.setenv(ENV, spec.replace(" ", ""))
+    assert registry.forced_backend("grouped_mm") == "torch"
+    with pytest.raises(moe_ops.NoBackendError, match="torch"):
+        run("grouped_mm", gemm_args)
+    if spec == "torch":
+        with pytest.raises(moe_ops.NoBackendError):
+            run("route", route_args)
+    else:
+        run("route", route_args)
+
+
+def test_precedence_context_over_api_over_environment(gemm_args, monkeypatch):
+    monkeypatch.setenv(ENV, "grouped_mm=torch")
+    assert registry.forced_backend("grouped_mm") == "torch"
+    moe_ops.set_backend("reference", op="grouped_mm")
+    assert registry.forced_backend("grouped_mm") == "reference"  # API over environment
+    run("grouped_mm", gemm_args)
+    with moe_ops.use_backend(grouped_mm="torch"):  # context over API
+        assert registry.forced_backend("grouped_mm") == "torch"
+        with pytest.raises(moe_ops.NoBackendError):
+            run("grouped_mm", gemm_args)
+    moe_ops.set_backend(None, op="grouped_mm")
+    assert registry.forced_backend("grouped_mm") == "torch"  # back to the environment
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda: moe_ops.set_backend("nope"), "'nope'"),
+    (lambda: moe_ops.set_backend("reference", op="nope"), "'nope'"),
+    (lambda: moe_ops.use_backend("nope").__enter__(), "'nope'"),
+    (lambda: moe_ops.use_backend(nope="reference").__enter__(), "'nope'"),
+    (lambda: registry.get_backend("nope"), "'nope'"),
+], ids=["set_backend-name", "set_backend-op", "use_backend-name", "use_backend-op", "get_backend"])
+def test_unknown_names_raise_value_error(call, needle):
+    with pytest.raises(ValueError, match=needle) as err:
+        call()
+    assert "reference" in str(err.value) or "grouped_mm" in str(err.value)  # lists the known names
+    assert registry.forced_backend("grouped_mm") is None  # nothing half-applied
+
+
+@pytest.mark.parametrize("spec", ["nope", "grouped_mm=nope", "nope_op=reference"])
+def test_unknown_names_in_environment_raise_value_error(spec, gemm_args, monkeypatch):
+    monkeypatch.setenv(ENV, spec)
+    with pytest.raises(ValueError, match=ENV) as err:
+        run("grouped_mm", gemm_args)
+    assert "'nope" in str(err.value)
+
+
+def test_no_backend_at_all_lists_every_backend_with_reasons(gemm_args, monkeypatch):
+    declining = dataclasses.replace(registry.get_backend("reference"),
+                                    input_reasons=lambda op, args: ["declines for this test"])
+    monkeypatch.setitem(registry._BACKENDS, "reference", declining)
+    with pytest.raises(moe_ops.NoBackendError) as err:
+        run("grouped_mm", gemm_args)
+    message = str(err.value)
+    assert "declines for this test" in message
+    for backend in registry.backends("grouped_mm"):
+        assert f"{backend.name}: " in message
+        assert all(reason in message for reason in backend.not_supported_reasons("grouped_mm", gemm_args))
+
+
+def test_no_backend_error_is_a_runtime_error():
+    assert issubclass(moe_ops.NoBackendError, RuntimeError)
+
+
+# ---- support table -------------------------------------------------------------------------------------
+
+
+def test_support_table_lists_every_op_and_backend():
+    table = dict(registry.support_table())
+    assert list(table) == registry.OPS
+    for op, per_backend in table.items():
+        assert set(per_backend) == set(registry.PRIORITY), op
+        assert per_backend["reference"] == [], op  # the oracle runs everywhere
+        for name, reasons in per_backend.items():
+            assert isinstance(reasons, list) and all(isinstance(r, str) and r for r in reasons), (op, name)
+    assert table["route"]["torch"] == ["has no route kernel"]
