@@ -7,9 +7,13 @@ transformer_engine at import time: they look for them when asked.
 from moe_ops import registry
 from moe_ops.backends import reference, torch_grouped_mm, triton_backend
 
-# Triton first, except for the plain grouped GEMMs: there torch._grouped_mm (CUTLASS) goes first
-# and declines wherever it lacks its fast path (sm90/sm100 bfloat16), so Triton takes the rest.
-# Revisit with benchmarks/bench_experts.py numbers; the fused expert_up/expert_down are Triton's.
-registry.register_backend(triton_backend.BACKEND, priority=0, op_priorities={"grouped_mm": 20, "grouped_mm_wgrad": 20})
+# Triton first, except for the GEMMs: there torch._grouped_mm (CUTLASS) goes first — also for the
+# fused ops, which the torch backend runs as CUTLASS GEMMs + Triton steps — and declines wherever it
+# lacks its fast path (sm90/sm100 bfloat16), so Triton takes the rest.  Measured on H100 at Qwen3
+# shapes (BENCHMARKS.md): CUTLASS GEMMs ran at 635 TFLOP/s, our Triton GEMMs at 508 (dgrad/forward)
+# and ~180 (wgrad), so the fused Triton kernels lose despite skipping the gathers.
+_GEMM_OPS = ("grouped_mm", "grouped_mm_wgrad", "expert_up", "expert_up_backward", "expert_down",
+             "expert_down_backward")
+registry.register_backend(triton_backend.BACKEND, priority=0, op_priorities={op: 20 for op in _GEMM_OPS})
 registry.register_backend(torch_grouped_mm.BACKEND, priority=10)
 registry.register_backend(reference.BACKEND, priority=100)

@@ -51,10 +51,23 @@ def _unavailable() -> list[str]:
     return []
 
 
-class _Steps:
-    """This backend's GEMMs; every other step through its op (torch.ops.moe.*, resolved when called)."""
+def _grouped_mm_zero_tail(a, b, offsets):
+    """``grouped_mm`` for rows of ``a`` that are zero past ``offsets[-1]``: the last group takes them
+    in, so CUTLASS writes their (zero) products and no separate zeroing pass over the output runs."""
+    to_end = torch.cat([offsets[:-1], offsets.new_full((1,), a.shape[0])])
+    return torch._grouped_mm(a.contiguous(), _row_or_column_major(b), offs=to_end)
 
-    grouped_mm = staticmethod(grouped_mm)
+
+def _grouped_mm_any_tail(a, b, offsets):
+    return torch._grouped_mm(a.contiguous(), _row_or_column_major(b), offs=offsets)
+
+
+class _Steps:
+    """The fused ops' GEMMs on CUTLASS; every other step through its op (torch.ops.moe.*, resolved when called).
+    See fused_composition.py for which GEMM outputs need zero rows past the last group."""
+
+    grouped_mm = staticmethod(_grouped_mm_zero_tail)
+    grouped_mm_any_tail = staticmethod(_grouped_mm_any_tail)
     grouped_mm_wgrad = staticmethod(grouped_mm_wgrad)
 
     def __getattr__(self, name):
