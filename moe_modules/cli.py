@@ -49,21 +49,47 @@ def build(cls, activation, bias, device, dtype, seed=0):
     torch.manual_seed(seed)
     module = cls(config).to(device)
     module.init_weights(device, init_std=0.1)
-    if bias:
-        with torch.no_grad():
-            module.gate_up_proj_bias.normal_(0, 0.1)
-            module.down_proj_bias.normal_(0, 0.1)
+    if bias:  # random biases (zeros would hide a wrong bias row), set through the state dict as users do
+        state = module.state_dict()
+        for name in ("gate_up_proj_bias", "down_proj_bias"):
+            state[name] = torch.randn_like(state[name]) * 0.1
+        module.load_state_dict(state)
     return module, config
+
+
+STACKED = ("gate_and_up_projs", "down_projs", "gate_up_proj_bias", "down_proj_bias")
+
+
+def stacked_params(module) -> dict:
+    """The expert parameters in the stacked x@W layout (for TE: read through its properties)."""
+    return {n: getattr(module, n).detach() for n in STACKED if getattr(module, n) is not None}
+
+
+def stacked_grads(module) -> list:
+    """Gradients of the stacked parameters, after a backward (TE's per-expert ones restacked)."""
+    if isinstance(module, GroupedExpertsTE):
+        from moe_modules import te_layout
+
+        def per_expert(linear, kind):
+            grads = [getattr(linear, f"{kind}{i}").grad for i in range(linear.num_gemms)]
+            stack = te_layout.stacked_from_te_weights if kind == "weight" else te_layout.stacked_from_te_biases
+            return stack(grads)
+
+        grads = [per_expert(module.gate_up_linear, "weight"), per_expert(module.down_linear, "weight")]
+        if module.config.expert_bias:
+            grads += [per_expert(module.gate_up_linear, "bias"), per_expert(module.down_linear, "bias")]
+        return grads
+    return [getattr(module, n).grad for n in STACKED if getattr(module, n) is not None]
 
 
 def forward_backward(fn, module, inputs, grad_out_seed=1):
     x, mask, w, idx = inputs
     x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    module.zero_grad(set_to_none=True)
     y = fn(x, mask, w, idx)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(y)
-    params = [p for p in module.parameters()]
-    grads = torch.autograd.grad(y, [x, w, *params], g)
-    return y.detach(), [gr.detach() for gr in grads], g
+    y.backward(g)
+    return y.detach(), [x.grad, w.grad, *stacked_grads(module)], g
 
 
 def check_one(cls, activation, bias, device, dtype, compile_backend, T=48, T_other=33):
@@ -75,14 +101,12 @@ def check_one(cls, activation, bias, device, dtype, compile_backend, T=48, T_oth
     x, mask, w, idx = inputs
     x64 = x.double().requires_grad_()
     w64 = w.double().requires_grad_()
-    params64 = [p.detach().double().requires_grad_() for p in module.parameters()]
-    names = [n for n, _ in module.named_parameters()]
-    by_name = dict(zip(names, params64))
+    params64 = {n: p.double().requires_grad_() for n, p in stacked_params(module).items()}
     act = module.activation
-    y64 = reference.expert_block(x64, mask, w64, idx, by_name["gate_and_up_projs"], by_name["down_projs"],
-                                 by_name.get("gate_up_proj_bias"), by_name.get("down_proj_bias"),
+    y64 = reference.expert_block(x64, mask, w64, idx, params64["gate_and_up_projs"], params64["down_projs"],
+                                 params64.get("gate_up_proj_bias"), params64.get("down_proj_bias"),
                                  act.kind, act.alpha, act.limit, act.linear_offset)
-    grads64 = torch.autograd.grad(y64, [x64, w64, *params64], g.double())
+    grads64 = torch.autograd.grad(y64, [x64, w64, *params64.values()], g.double())
     fwd_err = rel_err(y, y64)
     grad_err = max(rel_err(a, b) for a, b in zip(grads, grads64))
     ok = fwd_err < TOLERANCE[dtype] and grad_err < TOLERANCE[dtype]
