@@ -48,3 +48,8 @@ def local(t):
         if isinstance(t, DTensor):
             return t.to_local()
     return t
+
+
+def local_expert_params(module: nn.Module) -> tuple:
+    """``(w1, w2, b1, b2)``: this rank's shards of the four expert parameters (biases may be None)."""
+    return tuple(None if getattr(module, n) is None else local(getattr(module, n)) for n in PARAM_NAMES)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 import moe_ops
-from moe_modules._params import create_expert_params, init_expert_params, local
+from moe_modules._params import create_expert_params, init_expert_params, local_expert_params
 from moe_modules.config import MoEConfig
 from moe_modules.expert_block import Activation, check_forward_inputs, run_local_experts
 
@@ -51,9 +51,7 @@ class GroupedExpertsDeepEP(nn.Module):
     def forward(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         """``x [T, D]``, ``token_mask [T]`` bool, ``weights [T, K]``, ``indices [T, K]`` -> ``[T, D]`` in ``x.dtype``."""
         check_forward_inputs(x, token_mask, weights, indices, self.config.dim)
-        w1, w2 = local(self.gate_and_up_projs), local(self.down_projs)
-        b1 = None if self.gate_up_proj_bias is None else local(self.gate_up_proj_bias)
-        b2 = None if self.down_proj_bias is None else local(self.down_proj_bias)
+        w1, w2, b1, b2 = local_expert_params(self)
         if self.token_dispatcher is None:
             return run_local_experts(x, token_mask, weights, indices, w1, w2, b1, b2, self.activation)
         return self.token_dispatcher.run(x, token_mask, weights, indices, w1, w2, b1, b2, self.activation)
