@@ -47,11 +47,3 @@ def expert_block(x, token_mask, weights, indices, w1, w2, b1=None, b2=None, kind
             out = out + b2[e].to(f64)
         y = y.index_add(0, tokens, coef.unsqueeze(1) * out)
     return y
-
-
-def module_reference(module, x, token_mask, weights, indices) -> Tensor:
-    """:func:`expert_block` with the parameters and activation of an expert module (single device)."""
-    act = module.activation
-    return expert_block(x, token_mask, weights, indices, module.gate_and_up_projs, module.down_projs,
-                        module.gate_up_proj_bias, module.down_proj_bias, act.kind, act.alpha, act.limit,
-                        act.linear_offset)

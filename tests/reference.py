@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from moe_modules import reference as block_reference
 
 
 def f64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -25,24 +26,12 @@ def f64_keep(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.to(torch.float64)
 
 
-# ---- activations (SPEC §4) -----------------------------------------------------------
+# ---- activations and the expert block (SPEC §4) -------------------------------------------
+# The float64 oracle of the shipped `moe-ops check` (moe_modules/reference.py: plain PyTorch,
+# independent of the moe ops); the per-op references below are this file's own.
 
-
-def act(h: torch.Tensor, kind: str, alpha: float = 1.702, limit: Optional[float] = 7.0,
-        linear_offset: float = 1.0) -> torch.Tensor:
-    """``act`` over the last dim of ``h``; differentiable (the reference gradient comes from autograd)."""
-    if kind == "relu2":
-        return torch.relu(h) ** 2
-    if kind == "swiglu":  # concatenated gate | up
-        inter = h.shape[-1] // 2
-        return F.silu(h[..., :inter]) * h[..., inter:]
-    if kind == "quick_geglu":  # interleaved gate, up, gate, up, ...
-        gate, up = h[..., 0::2], h[..., 1::2]
-        if limit is not None:
-            gate = gate.clamp(max=limit)
-            up = up.clamp(-limit, limit)
-        return gate * torch.sigmoid(alpha * gate) * (up + linear_offset)
-    raise ValueError(f"unknown activation {kind!r}")
+act = block_reference.activation
+expert_block = block_reference.expert_block
 
 
 def whole_expert(x, w1, w2, b1, b2, kind, alpha=1.702, limit=7.0, linear_offset=1.0):
@@ -52,31 +41,6 @@ def whole_expert(x, w1, w2, b1, b2, kind, alpha=1.702, limit=7.0, linear_offset=
         h = h + f64_keep(b1)
     out = act(h, kind, alpha, limit, linear_offset) @ f64_keep(w2)
     return out if b2 is None else out + f64_keep(b2)
-
-
-# ---- the expert block -----------------------------------------------------------------
-
-
-def expert_block(x, token_mask, weights, indices, w1, w2, b1=None, b2=None, kind="swiglu",
-                 alpha=1.702, limit=7.0, linear_offset=1.0, expert_start=0):
-    """``y[t] = sum_k [mask[t]] w[t,k] (act(x[t] W1[e] + b1[e]) W2[e] + b2[e])`` over local ``e = indices[t,k]``.
-
-    Pass float64 leaves to get reference gradients for every input by autograd.
-    """
-    T, K = indices.shape
-    num_experts = w1.shape[0]
-    y_rows = []
-    for t in range(T):
-        y_t = f64_keep(x).new_zeros(x.shape[1])
-        if bool(token_mask[t]):
-            for k in range(K):
-                e = int(indices[t, k]) - expert_start
-                if 0 <= e < num_experts:
-                    out = whole_expert(x[t:t + 1], w1[e], w2[e], None if b1 is None else b1[e],
-                                       None if b2 is None else b2[e], kind, alpha, limit, linear_offset)
-                    y_t = y_t + f64_keep(weights[t, k]) * out[0]
-        y_rows.append(y_t)
-    return torch.stack(y_rows)
 
 
 # ---- routing ----------------------------------------------------------------------------
