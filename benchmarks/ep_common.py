@@ -70,6 +70,29 @@ def time_ms(fn: Callable[[], object], device, warmup: int, iters: int) -> float:
     return max_over_ranks(local_median_ms(fn, device, 0, iters), device)
 
 
+def time_pipelined_ms(fn: Callable[[], object], device, warmup: int, iters: int) -> float:
+    """Milliseconds per call of ``iters`` back-to-back calls (one start and one end event; the host
+    may run ahead of the device, as in a training step), then the maximum over ranks."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    dist.barrier()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end) / iters
+    else:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        ms = (time.perf_counter() - t0) * 1e3 / iters
+    return max_over_ranks(ms, device)
+
+
 def local_median_ms(fn: Callable[[], object], device, warmup: int, iters: int) -> float:
     """Median milliseconds of ``fn`` on this rank alone (no collective: safe inside try/except)."""
     for _ in range(warmup):
@@ -89,6 +112,40 @@ def local_median_ms(fn: Callable[[], object], device, warmup: int, iters: int) -
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def profile_table(fn: Callable[[], object], device, rank: int, rows: int = 18) -> str:
+    """CUDA time per kernel of one call of ``fn`` (after a warm-up call), as torch.profiler's table.
+    Every rank runs it (``fn`` holds collectives); only rank 0's table is returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        synchronize(device)
+    if rank != 0:
+        return ""
+    averages = prof.key_averages()
+    return (averages.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+            + "\nby host time:\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+
+
+def write_trace(fn: Callable[[], object], device, rank: int, filename: str, calls: int = 3) -> None:
+    """torch.profiler chrome trace of ``calls`` back-to-back calls of ``fn`` (after one warm-up), written
+    to ``$OUT/filename`` by rank 0 (every rank runs it: ``fn`` holds collectives)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    out = os.environ.get("OUT")
+    if rank == 0 and out:
+        prof.export_chrome_trace(os.path.join(out, filename))
 
 
 def max_over_ranks(value: float, device) -> float:

@@ -10,6 +10,8 @@
 #          there and it is not installed yet (about 2 minutes)
 #   tests  python -m pytest -q -x on tests/gpu and tests/*_gpu.py (test_te_gpu.py only when TE imports)
 #   bench  benchmarks/bench_experts.py, every shape x routing x path
+#   ep     expert parallelism, for each world size N in EP_SIZES (default "2"; the machine needs N GPUs):
+#          torchrun benchmarks/gpu_ep_parity.py --compile-backend inductor, then benchmarks/bench_ep.py --profile
 #   plot   benchmarks/plot.py on the JSON (skipped with a note when matplotlib is missing: run it later on
 #          any machine with `python benchmarks/plot.py path/to/bench_experts.json`)
 # Logs: $OUT/<step>.log, the JSON and the PNG in $OUT, exit codes in $OUT/steps.txt (at most 8 files come
@@ -21,7 +23,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-benchmarks/results/gpu_run}
 mkdir -p "$OUT"
 export OUT
-STEPS=${STEPS:-"env te tests bench plot"}
+STEPS=${STEPS:-"env te tests bench plot"}  # add "ep" (and EP_SIZES) on a machine with several GPUs
 TOTAL_S=${TOTAL_S:-530}
 START=$SECONDS
 PY=${PYTHON:-python}
@@ -93,6 +95,17 @@ step_bench() {
   $PY benchmarks/bench_experts.py --time-budget "$budget" ${BENCH_ARGS:-}
 }
 
+step_ep() {
+  local rc=0 n
+  for n in ${EP_SIZES:-2}; do
+    echo "---- EP x$n: parity (eager and inductor) ----"
+    torchrun --nproc-per-node "$n" benchmarks/gpu_ep_parity.py --compile-backend inductor || rc=1
+    echo "---- EP x$n: dispatch+combine and layer benchmark ----"
+    torchrun --nproc-per-node "$n" benchmarks/bench_ep.py --profile || rc=1
+  done
+  return $rc
+}
+
 step_plot() {
   [[ -f $OUT/bench_experts.json ]] || { echo "no $OUT/bench_experts.json to plot"; return 1; }
   if ! $PY -c 'import matplotlib' 2>/dev/null; then
@@ -103,10 +116,11 @@ step_plot() {
 }
 
 export PY OUT
-export -f step_env step_te step_tests step_bench step_plot
+export -f step_env step_te step_tests step_bench step_ep step_plot
 
 want env   && run_step env 60
 want te    && run_step te 200
+want ep    && run_step ep "${EP_CAP_S:-400}"
 want tests && run_step tests 150
 want bench && run_step bench 420
 want plot  && run_step plot 60

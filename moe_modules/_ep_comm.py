@@ -1,22 +1,62 @@
-"""The functional collectives the expert-parallel paths use, with their autograd variants.
+"""The collectives the expert-parallel paths use, with their autograd variants.
 
-``torch.distributed._functional_collectives`` ops are traced by ``torch.compile(fullgraph=True)``
-and their ``*_autograd`` variants differentiate to the mirror collective (all-gather <->
-reduce-scatter, all-to-all <-> all-to-all with the split sizes swapped).  torch 2.13 renamed
-``*_tensor_autograd`` to ``*_single_autograd``; take whichever this torch has (2.11 on the GPU image).
+Under ``torch.compile`` these are ``torch.distributed._functional_collectives`` ops, which Dynamo
+traces (``fullgraph=True``); their ``*_autograd`` variants differentiate to the mirror collective
+(all-gather <-> reduce-scatter, all-to-all <-> all-to-all with the split sizes swapped).
+
+In eager mode the all-to-alls call ``torch.distributed.all_to_all_single`` on a preallocated output
+inside a small ``autograd.Function`` instead: the functional variants return
+``AsyncCollectiveTensor`` subclasses, and every later op on one goes through a Python
+``__torch_dispatch__`` (about 60 us of CPU each, measured), which made the host — not the link —
+bound an all-to-all dispatch.  The arithmetic is the same either way; on NCCL the op is enqueued
+on the communication stream and the current stream waits for it, so nothing blocks the host.
+torch 2.13 renamed ``*_tensor_autograd`` to ``*_single_autograd``; take whichever this torch has.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
 all_reduce = fc.all_reduce
 all_gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
 all_gather_autograd = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
 reduce_scatter_autograd = getattr(fc, "reduce_scatter_single_autograd", None) or fc.reduce_scatter_tensor_autograd
-all_to_all = fc.all_to_all_single
-all_to_all_autograd = fc.all_to_all_single_autograd
+
+
+def _all_to_all_eager(x: torch.Tensor, output_split_sizes, input_split_sizes, group) -> torch.Tensor:
+    x = x.contiguous()
+    rows = x.shape[0] if output_split_sizes is None else sum(output_split_sizes)  # None: equal parts
+    out = x.new_empty((rows, *x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes, input_split_sizes, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_split_sizes, input_split_sizes, group):
+        ctx.splits, ctx.group = (output_split_sizes, input_split_sizes), group
+        return _all_to_all_eager(x, output_split_sizes, input_split_sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_split_sizes, input_split_sizes = ctx.splits
+        return _all_to_all_eager(grad, input_split_sizes, output_split_sizes, ctx.group), None, None, None
+
+
+def all_to_all(x: torch.Tensor, output_split_sizes, input_split_sizes, group) -> torch.Tensor:
+    """All-to-all along dim 0 without autograd (``None`` splits: equal parts)."""
+    if torch.compiler.is_compiling():
+        return fc.all_to_all_single(x, output_split_sizes, input_split_sizes, group)
+    return _all_to_all_eager(x, output_split_sizes, input_split_sizes, group)
+
+
+def all_to_all_autograd(x: torch.Tensor, output_split_sizes, input_split_sizes, group) -> torch.Tensor:
+    """All-to-all along dim 0 whose backward is the all-to-all with the split sizes swapped."""
+    if torch.compiler.is_compiling():
+        return fc.all_to_all_single_autograd(x, output_split_sizes, input_split_sizes, group)
+    return _AllToAll.apply(x, output_split_sizes, input_split_sizes, group)
 
 
 def host_ints(t) -> list[int]:

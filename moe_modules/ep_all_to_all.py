@@ -1,23 +1,27 @@
 """GroupedExpertsDeepEP under expert parallelism: all-to-all dispatch, local experts, all-to-all combine.
 
-Forward, on each rank of the EP group (``E_local = E / ep_size`` experts per rank, rank ``r`` owns
-experts ``r*E_local ... (r+1)*E_local - 1``):
+Each token travels once to each rank that owns at least one of its K experts (DeepEP's layout),
+not once per expert: with DeepSeek-V3 routing (K=8 of 256 experts) that is about 2 rows per token
+on 2 ranks and 3.6 on 4, against 8.  On each rank of the EP group (``E_local = E / ep_size``
+experts per rank; rank ``r`` owns experts ``r*E_local ... (r+1)*E_local - 1``):
 
-1. ``moe.route`` over all ``E`` experts sorts the ``T*K`` (token, slot) pairs by expert, hence by
-   destination rank; masked / -1 pairs go past the end and are never sent.
-2. Counts first: an all-to-all of the per-expert counts ``[E]`` gives every rank the
-   ``[ep_size, E_local]`` counts it will receive.  The per-rank split sizes are read on the host
-   (the one device->host sync of the forward; ``all_to_all_single`` needs host split sizes).
-3. Dispatch: the sorted token rows and their routing probabilities go by ``all_to_all_single``
-   to the ranks owning their experts.
-4. The received rows (source-major, expert-sorted within each source) run through the local
-   experts, routed by their local expert id with ``K = 1``.
-5. Combine: the inverse all-to-all brings each row's expert output home, where ``moe.combine``
-   sums a token's K contributions in float32 in slot order (deterministic).
+1. The (token, destination rank) pairs are laid out by rank, tokens in order within a rank;
+   masked tokens and ranks a token has no expert on go past the end and are never sent.
+2. Counts first: an all-to-all of ``[ep_size, 2]`` counts (rows, and (token, expert) pairs, per
+   destination).  The split sizes and the number of received pairs are read on the host: the one
+   device->host sync of the forward (``all_to_all_single`` needs host split sizes).
+3. Dispatch: ``moe.gather`` writes the rows in send order (exactly the rows sent, no padding), and
+   two all-to-alls carry them and, per row, the token's K routing weights with its K expert ids
+   made local (-1 where the expert lives on another rank) — the metadata travel as one float tensor.
+4. The receiver runs its experts on the received tokens: the (token, local expert) pairs are
+   gathered into expert order, the local experts run on them, and ``moe.combine`` sums each token's
+   local pairs (float32, slot order) into one partial row, rounded to ``x.dtype`` as DeepEP sends it.
+5. Combine: the inverse all-to-all brings the partial rows home, where ``moe.combine`` sums a token's
+   per-rank partials in float32, in rank order (deterministic).
 
-The collectives are the autograd variants of the functional collectives, so backward is the
-mirror image (all-to-all with the split sizes swapped) and ``torch.compile(fullgraph=True)`` traces
-the whole path.  Every rank calls every collective, also with zero tokens.
+The collectives are the autograd variants of the functional collectives, so backward is the mirror
+image (all-to-all with the split sizes swapped) and ``torch.compile(fullgraph=True)`` traces the
+whole path.  Every rank calls every collective, also with zero tokens.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import moe_ops
@@ -33,14 +36,22 @@ from moe_modules import _ep_comm as comm
 from moe_modules.expert_block import Activation, permuted_probs, run_local_experts
 
 
-def local_expert_of_rows(recv_counts: Tensor, num_rows: int, experts_per_rank: int) -> Tensor:
-    """Local expert id of each received row, ``[num_rows]`` int64.
+class Dispatched(NamedTuple):
+    """What :meth:`AllToAllDispatcher.dispatch` received, and what the combine needs to send it back."""
 
-    ``recv_counts [ep_size * E_local]``: rows received from source ``s`` for local expert ``e`` at
-    ``s * E_local + e``, laid out in that order in the receive buffer."""
-    ends = torch.cumsum(recv_counts, 0)
-    rows = torch.arange(num_rows, device=recv_counts.device, dtype=ends.dtype)
-    return torch.searchsorted(ends, rows, right=True) % experts_per_rank
+    rows: Tensor  # [N, D] tokens received, each once per rank that owns one of its experts
+    probs: Tensor  # [N, K] their routing weights (the gradient flows back to the sender)
+    local_indices: Tensor  # [N, K] int64 local expert id of each slot; -1: expert on another rank
+    num_local_pairs: int  # valid (token, local expert) pairs in local_indices (host int)
+    row_of_pair: Tensor  # [T, ep_size] the sender's row of (token, destination rank)
+    offsets: Tensor  # [ep_size] int32 cumulative rows per destination (offsets[-1] = rows sent)
+    send_splits: list  # rows sent to each rank (host ints)
+    recv_splits: list  # rows received from each rank (host ints)
+
+
+def _metadata_dtype(weights: Tensor) -> torch.dtype:
+    # Local expert ids (< 2^24) are exact in float32, and so is a bfloat16 / float16 weight.
+    return torch.float64 if weights.dtype == torch.float64 else torch.float32
 
 
 class AllToAllDispatcher:
@@ -57,59 +68,96 @@ class AllToAllDispatcher:
         self.num_experts = n_routed_experts
         self.experts_per_rank = n_routed_experts // ep_size
 
-    def split_sizes(self, tokens_per_expert: Tensor, group) -> tuple[list[int], list[int], Tensor]:
-        """``(send_splits, recv_splits, recv_counts)``: rows sent to / received from each rank
-        (host ints, one sync) and the received per-(source, local expert) counts on the device."""
-        ep, E_local = self.ep_size, self.experts_per_rank
-        recv_counts = comm.all_to_all(tokens_per_expert, None, None, group)
-        send_per_rank = tokens_per_expert.view(ep, E_local).sum(1)
-        recv_per_rank = recv_counts.view(ep, E_local).sum(1)
-        splits = comm.host_ints(torch.cat([send_per_rank, recv_per_rank]))
-        return splits[:ep], splits[ep:], recv_counts
+    def _send_layout(self, token_mask: Tensor, indices: Tensor):
+        """Where each (token, destination rank) pair goes in the send buffer: by rank, tokens in order
+        within a rank.
 
-    def dispatch(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> "Dispatched":
-        """Send each valid (token, slot) pair's row and probability to the rank owning its expert."""
+        Returns ``row_of_pair [T, ep]`` (past every row where token ``t`` has no expert on rank ``r``),
+        ``offsets [ep]`` int32 cumulative rows per rank, ``pair_of_row [T*ep]`` (``t*ep + r`` of each
+        row sent; rows past them hold any in-range pair), and the rows and (token, expert) pairs per
+        rank.  Eager mode takes a prefix sum over ``[T, ep]`` (about ten small kernels); under
+        ``torch.compile`` it is ``moe.route`` over the ranks as experts, since torch 2.11's Inductor
+        fails to generate CUDA code for the prefix sum.  Both give the same layout."""
+        T, K = indices.shape
+        ep = self.ep_size
+        idx = indices.long()
+        valid = token_mask.unsqueeze(1) & (idx >= 0) & (idx < self.num_experts)
+        owner_TK = torch.where(valid, idx // self.experts_per_rank, ep)
+        ranks = torch.arange(ep, device=indices.device)
+        on_rank_TKR = owner_TK.unsqueeze(-1) == ranks
+        hits_TR = on_rank_TKR.any(1)
+        pairs_per_rank = on_rank_TKR.sum((0, 1))
+        if torch.compiler.is_compiling():
+            dest_TR = torch.where(hits_TR, ranks, -1)
+            pair_of_row, row_of_pair, rows_per_rank, offsets = moe_ops.route(dest_TR, token_mask, 0, ep)
+            return row_of_pair, offsets, pair_of_row, rows_per_rank, pairs_per_rank
+        rows_per_rank = hits_TR.sum(0)
+        ends = rows_per_rank.cumsum(0)
+        row_TR = (ends - rows_per_rank) + hits_TR.cumsum(0) - 1  # rank r's rows start at ends[r-1]
+        row_of_pair = torch.where(hits_TR, row_TR, T * ep)
+        pair_of_row = torch.zeros(T * ep + 1, dtype=torch.int64, device=indices.device)  # slot T*ep: unsent
+        pair_of_row.scatter_(0, row_of_pair.reshape(-1), torch.arange(T * ep, device=indices.device))
+        return row_of_pair, ends.to(torch.int32), pair_of_row[:T * ep], rows_per_rank, pairs_per_rank
+
+    def dispatch(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Dispatched:
+        """Send each routed token once to every rank that owns one of its experts, with its weights
+        and its expert ids local to that rank."""
         group = self.ep_mesh.get_group()
         T, K = indices.shape
-        pair_of_row, row_of_pair, tokens_per_expert, offsets = moe_ops.route(indices, token_mask, 0,
-                                                                             self.num_experts)
-        send_splits, recv_splits, recv_counts = self.split_sizes(tokens_per_expert, group)
-        n_send, n_recv = sum(send_splits), sum(recv_splits)
-        torch._check(n_send <= T * K)
-        # Rows sorted by expert are already grouped by destination rank; unsent pairs come last.
-        rows_send = moe_ops.gather(x, row_of_pair, offsets)[:n_send]
-        probs_send = permuted_probs(weights, pair_of_row)[:n_send]
-        rows = comm.all_to_all_autograd(rows_send, recv_splits, send_splits, group)
-        probs = comm.all_to_all_autograd(probs_send, recv_splits, send_splits, group)
-        local_expert = local_expert_of_rows(recv_counts, n_recv, self.experts_per_rank)
-        return Dispatched(rows, probs, local_expert, row_of_pair, offsets, send_splits, recv_splits)
+        ep = self.ep_size
+        row_of_pair, offsets, pair_of_row, rows_per_rank, pairs_per_rank = self._send_layout(token_mask, indices)
 
-    def combine(self, out_rows: Tensor, dispatched: "Dispatched") -> Tensor:
-        """Bring each received row's expert output home and sum a token's K contributions (float32,
-        slot order); ``out_rows`` is in the order of ``dispatched.rows``.  Returns ``[T, D]``."""
+        # Each candidate row's metadata, built before the host read below so that only the gather
+        # and the all-to-alls are left after it.
+        token_of_row, dest_of_row = pair_of_row // ep, pair_of_row % ep
+        local = indices.long().index_select(0, token_of_row) - (dest_of_row * self.experts_per_rank).unsqueeze(1)
+        local = torch.where((local >= 0) & (local < self.experts_per_rank), local, -1)
+        meta_dtype = _metadata_dtype(weights)
+        meta_all = torch.cat([weights.index_select(0, token_of_row).to(meta_dtype), local.to(meta_dtype)], 1)
+
+        # Counts first: [rows, pairs] per destination; every rank learns what it will receive.
+        recv_counts = comm.all_to_all(torch.stack([rows_per_rank, pairs_per_rank], 1), None, None, group)
+        counts = comm.host_ints(torch.cat([rows_per_rank, recv_counts[:, 0], recv_counts[:, 1].sum(0, True)]))
+        send_splits, recv_splits, num_local_pairs = counts[:ep], counts[ep:2 * ep], counts[-1]
+        n_send = sum(send_splits)
+        torch._check(n_send <= T * ep)
+        torch._check(num_local_pairs <= sum(recv_splits) * K)
+
+        rows_send = moe_ops.gather(x, row_of_pair, offsets, None, n_send)  # exactly the rows sent
+        rows = comm.all_to_all_autograd(rows_send, recv_splits, send_splits, group)
+        meta = comm.all_to_all_autograd(meta_all[:n_send], recv_splits, send_splits, group)
+        probs, local_indices = meta[:, :K].to(weights.dtype), meta[:, K:].long()
+        return Dispatched(rows, probs, local_indices, num_local_pairs, row_of_pair, offsets, send_splits,
+                          recv_splits)
+
+    def combine(self, partial_rows: Tensor, dispatched: Dispatched) -> Tensor:
+        """Bring each received token's partial output home and sum a token's per-rank partials (float32,
+        rank order); ``partial_rows [N, D]`` is in the order of ``dispatched.rows``.  Returns ``[T, D]``."""
         group = self.ep_mesh.get_group()
-        T, K = dispatched.row_of_pair.shape
-        out_home = comm.all_to_all_autograd(out_rows, dispatched.send_splits, dispatched.recv_splits, group)
-        rows_home = F.pad(out_home, (0, 0, 0, T * K - out_home.shape[0]))
-        return moe_ops.combine(rows_home, dispatched.row_of_pair, dispatched.offsets)
+        home = comm.all_to_all_autograd(partial_rows, dispatched.send_splits, dispatched.recv_splits, group)
+        return moe_ops.combine(home, dispatched.row_of_pair, dispatched.offsets)
 
     def run(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
             b1: Optional[Tensor], b2: Optional[Tensor], act: Activation) -> Tensor:
         d = self.dispatch(x, token_mask, weights, indices)
-        # The received rows are source-major; routing them with K = 1 by local expert groups them.
-        everyone = torch.ones(d.rows.shape[0], dtype=torch.bool, device=x.device)
-        out_rows = run_local_experts(d.rows, everyone, d.probs.unsqueeze(1), d.local_expert.unsqueeze(1),
-                                     w1, w2, b1, b2, act)
-        return self.combine(out_rows, d)
+        partial = experts_on_received_tokens(d, w1, w2, b1, b2, act)
+        return self.combine(partial, d)
 
 
-class Dispatched(NamedTuple):
-    """What :meth:`AllToAllDispatcher.dispatch` received, and what the combine needs to send it back."""
+def experts_on_received_tokens(d: Dispatched, w1: Tensor, w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor],
+                               act: Activation) -> Tensor:
+    """The local experts on the received tokens: ``[N, D]`` partial outputs (each token's local pairs summed).
 
-    rows: Tensor  # [N_recv, D] token rows for this rank's experts
-    probs: Tensor  # [N_recv] their routing probabilities
-    local_expert: Tensor  # [N_recv] int64 local expert id of each row
-    row_of_pair: Tensor  # [T, K] from the sender's route over all E experts
-    offsets: Tensor  # [E] int32 (offsets[-1] = number of rows sent)
-    send_splits: list  # rows sent to each rank (host ints)
-    recv_splits: list  # rows received from each rank (host ints)
+    The (token, local expert) pairs are gathered into expert order first — exactly the valid pairs,
+    so the grouped GEMMs run on no padding rows — then the experts run on them one pair per row."""
+    N, K = d.local_indices.shape
+    everyone = torch.ones(N, dtype=torch.bool, device=d.rows.device)
+    pair_of_row, row_of_pair, _, offsets = moe_ops.route(d.local_indices, everyone, 0, w1.shape[0])
+    P = d.num_local_pairs
+    x_pairs = moe_ops.gather(d.rows, row_of_pair, offsets, None, P)
+    pairs = pair_of_row[:P]
+    probs = permuted_probs(d.probs, pairs).unsqueeze(1)
+    expert = d.local_indices.reshape(-1).index_select(0, pairs).unsqueeze(1)
+    out_pairs = run_local_experts(x_pairs, torch.ones(P, dtype=torch.bool, device=d.rows.device), probs, expert,
+                                  w1, w2, b1, b2, act)
+    return moe_ops.combine(out_pairs, row_of_pair, offsets)

@@ -25,7 +25,8 @@ def apply_ep(module: nn.Module, ep_mesh, *, reduce_dtype: Optional[torch.dtype] 
     The state-dict keys stay the same; their values become DTensors whose ``full_tensor()`` is the
     unsharded parameter.  Every rank must hold the same full parameters (they are scattered from
     the mesh's first rank).  ``reduce_dtype``: dtype in which ``GroupedExperts`` sums the ranks'
-    partial outputs (``None``: the input dtype); ``GroupedExpertsDeepEP`` sums in float32 always.
+    partial outputs (``None``: the input dtype).  ``GroupedExpertsDeepEP`` sends each rank's partial
+    output in the input dtype (as DeepEP's combine does) and sums the partials in float32.
     """
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 

@@ -477,8 +477,8 @@ class GroupedExpertsTE(nn.Module):
             return self._local_block(x, token_mask, weights, indices)
         d = self.token_dispatcher.dispatch(x, token_mask, weights, indices)
         everyone = torch.ones(d.rows.shape[0], dtype=torch.bool, device=x.device)
-        out_rows = self._local_block(d.rows, everyone, d.probs.unsqueeze(1), d.local_expert.unsqueeze(1))
-        return self.token_dispatcher.combine(out_rows, d)
+        partial = self._local_block(d.rows, everyone, d.probs, d.local_indices)
+        return self.token_dispatcher.combine(partial, d)
 
     def _local_block(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         """The expert block over the local experts ``0 .. E_local - 1`` (indices are local ids)."""

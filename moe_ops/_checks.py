@@ -47,6 +47,17 @@ def size(name: str, actual, expected, what: str = "size") -> None:
         torch._check_value(actual == expected, lambda: f"{name}: expected {what} {expected}, got {actual}")
 
 
+def between(name: str, actual, low, high, what: str = "size") -> None:
+    """``low <= actual <= high``, for plain or symbolic ints."""
+    if torch.compiler.is_dynamo_compiling():
+        torch._check(actual >= low)
+        torch._check(actual <= high)
+    else:
+        message = lambda: f"{name}: expected {what} from {low} to {high}, got {actual}"  # noqa: E731
+        torch._check_value(actual >= low, message)
+        torch._check_value(actual <= high, message)
+
+
 def same_device(**tensors: Optional[torch.Tensor]) -> None:
     named = [(n, t) for n, t in tensors.items() if t is not None]
     first_name, first = named[0]

@@ -57,6 +57,7 @@ _op_priorities: dict[str, dict[str, int]] = {}  # backend -> {op: priority overr
 _api_choice: dict[str, str] = {}
 _context_stack: list[dict[str, str]] = []
 _env_cache: tuple[Optional[str], dict[str, str]] = (None, {})
+_order_cache: dict[str, list[str]] = {}
 
 
 def register_backend(backend: Backend, *, priority: int, op_priorities: Optional[Mapping[str, int]] = None) -> None:
@@ -65,6 +66,7 @@ def register_backend(backend: Backend, *, priority: int, op_priorities: Optional
     _priorities[backend.name] = priority
     _op_priorities[backend.name] = dict(op_priorities or {})
     PRIORITY[:] = sorted(_BACKENDS, key=_priorities.__getitem__)
+    _order_cache.clear()
 
 
 def register_op(name: str) -> None:
@@ -76,7 +78,10 @@ def backends(op: Optional[str] = None) -> list[Backend]:
     """Every backend, best first (for ``op``, with its per-op priorities)."""
     if op is None:
         return [_BACKENDS[n] for n in PRIORITY]
-    return [_BACKENDS[n] for n in sorted(PRIORITY, key=lambda n: _op_priorities[n].get(op, _priorities[n]))]
+    order = _order_cache.get(op)
+    if order is None:  # every op call asks: sort once per op (register_backend clears the cache)
+        order = _order_cache[op] = sorted(PRIORITY, key=lambda n: _op_priorities[n].get(op, _priorities[n]))
+    return [_BACKENDS[n] for n in order]
 
 
 def get_backend(name: str) -> Backend:

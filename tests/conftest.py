@@ -211,15 +211,24 @@ class OpArgs:
     def route(self, routing: Routing) -> tuple:
         return routing.laid_out(self.contiguous).args()
 
-    def gather(self, weighted=False):
-        return self.float(self.T, self.d_model), self.row_of_pair, self.offsets, self.weights() if weighted else None
+    # ``rows="valid"``: the expert-order side holds only the valid rows (offsets[-1] of them), as
+    # expert parallelism sends them; "half": half of those (the pairs past them are dropped);
+    # "all": T*K rows.
+    def _row_count(self, rows: str) -> int:
+        return {"all": self.rows, "valid": self.valid_rows, "half": self.valid_rows // 2}[rows]
 
-    def combine(self, weighted=False):
-        rows = self.float(self.rows, self.d_model, tail=True)
-        return rows, self.row_of_pair, self.offsets, self.weights() if weighted else None
+    def gather(self, weighted=False, rows="all"):
+        x = self.float(self.T, self.d_model)
+        args = (x, self.row_of_pair, self.offsets, self.weights() if weighted else None)
+        return args if rows == "all" else (*args, self._row_count(rows))
 
-    def pair_dot(self):
-        return self.float(self.T, self.d_model), self.float(self.rows, self.d_model, tail=True), self.row_of_pair, self.offsets
+    def combine(self, weighted=False, rows="all"):
+        expert_rows = self.float(self._row_count(rows), self.d_model, tail=rows == "all")
+        return expert_rows, self.row_of_pair, self.offsets, self.weights() if weighted else None
+
+    def pair_dot(self, rows="all"):
+        expert_rows = self.float(self._row_count(rows), self.d_model, tail=rows == "all")
+        return self.float(self.T, self.d_model), expert_rows, self.row_of_pair, self.offsets
 
     def grouped_mm(self):
         return self.float(self.rows, self.d_model, tail=True), self.float(self.E, self.d_model, self.d_out), self.offsets
@@ -263,6 +272,12 @@ ROUTED_VARIANTS = [
     ("combine", dict(weighted=False)),
     ("combine", dict(weighted=True)),
     ("pair_dot", {}),
+    # Only the valid rows on the expert-order side (expert parallelism's receive buffers).
+    ("gather", dict(weighted=True, rows="valid")),
+    ("combine", dict(weighted=True, rows="valid")),
+    ("pair_dot", dict(rows="valid")),
+    ("gather", dict(weighted=False, rows="half")),
+    ("combine", dict(weighted=False, rows="half")),
     ("grouped_mm", {}),
     ("grouped_mm_wgrad", {}),
     *[(op, dict(probs=p)) for op in ("add_expert_bias", "expert_bias_backward") for p in ("none", "N", "N1")],

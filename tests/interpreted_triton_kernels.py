@@ -192,6 +192,22 @@ def test_gather_combine_pair_dot(dtype, weighted, case):
     assert_close(*triton_and_reference("pair_dot", x, rows, row_of_pair, offsets), dtype, "pair_dot")
 
 
+@pytest.mark.parametrize("keep", ["valid", "half"])
+def test_gather_combine_pair_dot_on_fewer_rows(keep):
+    """Expert parallelism's buffers: only the first M rows (pairs past them are not valid)."""
+    _, row_of_pair, offsets, _ = routed("mixed")
+    T, K = row_of_pair.shape
+    M = int(offsets[-1]) if keep == "valid" else int(offsets[-1]) // 2
+    weights = torch.rand(T, K, dtype=torch.float64).to(torch.float32)
+    x = randn(T, D)
+    rows = randn(M, D)
+    got, want = triton_and_reference("gather", x, row_of_pair, offsets, weights, M)
+    assert got.shape == (M, D)
+    assert_close(got, want, torch.float32, "gather")
+    assert_close(*triton_and_reference("combine", rows, row_of_pair, offsets, weights), torch.float32, "combine")
+    assert_close(*triton_and_reference("pair_dot", x, rows, row_of_pair, offsets), torch.float32, "pair_dot")
+
+
 # ---- grouped GEMMs ----------------------------------------------------------------------------
 
 

@@ -89,13 +89,14 @@ def _valid(row: int, offsets) -> bool:
     return row < int(offsets[-1])
 
 
-def gather(x, row_of_pair, offsets, weights=None):
+def gather(x, row_of_pair, offsets, weights=None, num_rows=None):
     T, K = row_of_pair.shape
-    out = torch.zeros(T * K, x.shape[1], dtype=torch.float64)
+    M = T * K if num_rows is None else num_rows
+    out = torch.zeros(M, x.shape[1], dtype=torch.float64)
     for t in range(T):
         for k in range(K):
             r = int(row_of_pair[t, k])
-            if _valid(r, offsets):
+            if _valid(r, offsets) and r < M:
                 out[r] = f64(x[t]) * (1.0 if weights is None else float(weights[t, k]))
     return out
 
@@ -106,7 +107,7 @@ def combine(rows, row_of_pair, offsets, weights=None):
     for t in range(T):
         for k in range(K):
             r = int(row_of_pair[t, k])
-            if _valid(r, offsets):
+            if _valid(r, offsets) and r < rows.shape[0]:
                 out[t] += f64(rows[r]) * (1.0 if weights is None else float(weights[t, k]))
     return out
 
@@ -117,7 +118,7 @@ def pair_dot(a, rows, row_of_pair, offsets):
     for t in range(T):
         for k in range(K):
             r = int(row_of_pair[t, k])
-            if _valid(r, offsets):
+            if _valid(r, offsets) and r < rows.shape[0]:
                 out[t, k] = torch.dot(f64(a[t]), f64(rows[r]))
     return out
 

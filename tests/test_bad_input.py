@@ -64,7 +64,11 @@ OP_CASES = [
     ("gather-weights-T", "gather", (t(T, D), rop(), offsets(), t(T + 1, K)), ValueError, ["weights", "6", "7"]),
     ("gather-weights-device", "gather", (t(T, D), rop(), offsets(), meta(t(T, K))), ValueError, ["weights", "cpu", "meta"]),
     ("gather-offsets-device", "gather", (t(T, D), rop(), meta(offsets()), None), ValueError, ["offsets", "cpu", "meta"]),
-    ("combine-rows", "combine", (t(T * K - 1, D), rop(), offsets(), None), ValueError, ["rows", "12", "11"]),
+    # Fewer than T*K expert-order rows are allowed (expert parallelism sends only the valid ones); more are not.
+    ("combine-rows", "combine", (t(T * K + 1, D), rop(), offsets(), None), ValueError, ["rows", "12", "13"]),
+    ("pair_dot-rows", "pair_dot", (t(T, D), t(T * K + 1, D), rop(), offsets()), ValueError, ["rows", "12", "13"]),
+    ("gather-num_rows", "gather", (t(T, D), rop(), offsets(), None, T * K + 1), ValueError, ["num_rows", "12", "13"]),
+    ("gather-num_rows-negative", "gather", (t(T, D), rop(), offsets(), None, -1), ValueError, ["num_rows", "-1"]),
     ("combine-rows-dims", "combine", (t(T * K), rop(), offsets(), None), ValueError, ["rows", "2-D", "(12,)"]),
     ("pair_dot-width", "pair_dot", (t(T, D), t(T * K, D - 1), rop(), offsets()), ValueError, ["rows", "8", "7"]),
     ("pair_dot-T", "pair_dot", (t(T + 1, D), t(T * K, D), rop(), offsets()), ValueError, ["row_of_pair", "7", "6"]),

@@ -47,33 +47,45 @@ def route(indices, token_mask, expert_start, num_experts):
     return pair_of_row, row_of_pair, tokens_per_expert, ends.to(torch.int32)
 
 
-def gather(x, row_of_pair, offsets, weights):
+def gather(x, row_of_pair, offsets, weights, num_rows=None):
     T, K = row_of_pair.shape
+    M = T * K if num_rows is None else num_rows
     vals = x.unsqueeze(1).expand(T, K, x.shape[1])
     if weights is not None:
         vals = (vals.to(_acc(x.dtype)) * weights.to(_acc(x.dtype)).unsqueeze(-1)).to(x.dtype)
     vals = torch.where(_valid_pairs(row_of_pair, offsets).unsqueeze(-1), vals, 0)
-    out = x.new_zeros(T * K, x.shape[1])
-    return out.index_copy_(0, row_of_pair.reshape(-1), vals.reshape(T * K, x.shape[1]))  # T may be 0
+    # Row M collects the pairs whose row is past the M kept rows, and is dropped.
+    out = x.new_zeros(M + 1, x.shape[1])
+    rows = row_of_pair.reshape(-1).clamp(max=M)
+    out.index_put_((rows,), vals.reshape(T * K, x.shape[1]))  # T may be 0
+    return out[:M].clone()
 
 
 def _pair_rows(rows, row_of_pair):
+    # Pairs whose row is past the given rows read row 0 (they are masked out by _valid_rows).
     T, K = row_of_pair.shape
-    return rows.index_select(0, row_of_pair.reshape(-1)).view(T, K, rows.shape[1]).to(_acc(rows.dtype))
+    if rows.shape[0] == 0:
+        return rows.new_zeros(T, K, rows.shape[1], dtype=_acc(rows.dtype))
+    safe = torch.where(row_of_pair < rows.shape[0], row_of_pair, 0)
+    return rows.index_select(0, safe.reshape(-1)).view(T, K, rows.shape[1]).to(_acc(rows.dtype))
+
+
+def _valid_rows(row_of_pair, offsets, rows):
+    return _valid_pairs(row_of_pair, offsets) & (row_of_pair < rows.shape[0])
 
 
 def combine(rows, row_of_pair, offsets, weights):
     vals = _pair_rows(rows, row_of_pair)
     if weights is not None:
         vals = vals * weights.to(vals.dtype).unsqueeze(-1)
-    vals = torch.where(_valid_pairs(row_of_pair, offsets).unsqueeze(-1), vals, 0)
+    vals = torch.where(_valid_rows(row_of_pair, offsets, rows).unsqueeze(-1), vals, 0)
     return vals.sum(1).to(rows.dtype)
 
 
 def pair_dot(a, rows, row_of_pair, offsets):
     acc = _acc(a.dtype)
     dots = (_pair_rows(rows, row_of_pair).to(acc) * a.to(acc).unsqueeze(1)).sum(-1)
-    return torch.where(_valid_pairs(row_of_pair, offsets), dots, 0).contiguous()
+    return torch.where(_valid_rows(row_of_pair, offsets, rows), dots, 0).contiguous()
 
 
 def grouped_mm(a, b, offsets):

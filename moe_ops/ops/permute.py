@@ -6,6 +6,11 @@ row of each of its valid pairs (optionally scaled by the pair's weight),
 in float32.  ``pair_dot`` is the weight gradient of both.  All three are
 gather-reduce over the K slots of a token: deterministic, no atomics.
 A pair is valid when ``row_of_pair < offsets[-1]``; other rows are zero.
+
+The expert-order side holds ``T*K`` rows by default, or any ``M <= T*K`` rows (``gather``'s
+``num_rows``; the rows ``combine`` and ``pair_dot`` are given): then only pairs whose row is
+below ``min(offsets[-1], M)`` are valid.  Expert parallelism sends exactly the valid rows, so it
+gathers and combines ``offsets[-1]`` rows without padding them back to ``T*K``.
 """
 
 from __future__ import annotations
@@ -29,14 +34,20 @@ def _validate_common(rows_name, rows, row_of_pair, offsets, weights=None):
     _checks.same_device(**{rows_name: rows}, row_of_pair=row_of_pair, offsets=offsets, weights=weights)
 
 
-def _validate_gather(x, row_of_pair, offsets, weights):
+def _validate_gather(x, row_of_pair, offsets, weights, num_rows=None):
     _validate_common("x", x, row_of_pair, offsets, weights)
     _checks.size("row_of_pair", row_of_pair.shape[0], x.shape[0], "number of tokens (dim 0 of x)")
+    if num_rows is not None:
+        _checks.between("num_rows", num_rows, 0, row_of_pair.shape[0] * row_of_pair.shape[1], "a row count (at most T*K)")
 
 
 def _validate_combine(rows, row_of_pair, offsets, weights):
     _validate_common("rows", rows, row_of_pair, offsets, weights)
-    _checks.size("rows", rows.shape[0], row_of_pair.shape[0] * row_of_pair.shape[1], "number of rows T*K")
+    _checks.between("rows", rows.shape[0], 0, row_of_pair.shape[0] * row_of_pair.shape[1], "a row count (at most T*K)")
+
+
+def _rows_of(row_of_pair, num_rows):
+    return row_of_pair.shape[0] * row_of_pair.shape[1] if num_rows is None else num_rows
 
 
 def _validate_pair_dot(a, rows, row_of_pair, offsets):
@@ -49,19 +60,20 @@ def _validate_pair_dot(a, rows, row_of_pair, offsets):
 
 
 @torch.library.custom_op("moe::gather", mutates_args=())
-def _gather(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor]) -> Tensor:
-    _validate_gather(x, row_of_pair, offsets, weights)
-    return registry.call("gather", x, row_of_pair, offsets, weights)
+def _gather(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor],
+            num_rows: Optional[int] = None) -> Tensor:
+    _validate_gather(x, row_of_pair, offsets, weights, num_rows)
+    return registry.call("gather", x, row_of_pair, offsets, weights, num_rows)
 
 
 @_gather.register_fake
-def _(x, row_of_pair, offsets, weights):
-    _validate_gather(x, row_of_pair, offsets, weights)
-    return x.new_empty(row_of_pair.shape[0] * row_of_pair.shape[1], x.shape[1])
+def _(x, row_of_pair, offsets, weights, num_rows=None):
+    _validate_gather(x, row_of_pair, offsets, weights, num_rows)
+    return x.new_empty(_rows_of(row_of_pair, num_rows), x.shape[1])
 
 
 def _gather_setup(ctx, inputs, output):
-    x, row_of_pair, offsets, weights = inputs
+    x, row_of_pair, offsets, weights, _ = inputs
     ctx.save_for_backward(x if weights is not None else None, row_of_pair, offsets, weights)
 
 
@@ -72,18 +84,20 @@ def _gather_backward(ctx, grad_rows):
     grad_w = None
     if weights is not None and ctx.needs_input_grad[3]:
         grad_w = pair_dot(x, grad_rows, row_of_pair, offsets).to(weights.dtype)
-    return grad_x, None, None, grad_w
+    return grad_x, None, None, grad_w, None
 
 
 _gather.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
-def gather(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+def gather(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor] = None,
+           num_rows: Optional[int] = None) -> Tensor:
     """Token rows into expert order: ``out[row_of_pair[t, k]] = w[t, k] * x[t]`` for valid pairs, 0 elsewhere.
 
-    ``x [T, D]`` -> ``[T*K, D]`` in ``x.dtype`` (weights applied in float32, rounded once).
+    ``x [T, D]`` -> ``[T*K, D]`` in ``x.dtype`` (weights applied in float32, rounded once), or only
+    the first ``num_rows`` rows (``<= T*K``; pairs whose row is past them are dropped).
     """
-    return torch.ops.moe.gather(x, row_of_pair, offsets, weights)
+    return torch.ops.moe.gather(x, row_of_pair, offsets, weights, num_rows)
 
 
 # ---- combine --------------------------------------------------------------------------
@@ -103,13 +117,16 @@ def _(rows, row_of_pair, offsets, weights):
 
 def _combine_setup(ctx, inputs, output):
     rows, row_of_pair, offsets, weights = inputs
+    ctx.num_rows = rows.shape[0]
     ctx.save_for_backward(rows if weights is not None else None, row_of_pair, offsets, weights)
 
 
 def _combine_backward(ctx, grad_y):
     rows, row_of_pair, offsets, weights = ctx.saved_tensors
     grad_y = grad_y.contiguous()
-    grad_rows = gather(grad_y, row_of_pair, offsets, weights) if ctx.needs_input_grad[0] else None
+    grad_rows = None
+    if ctx.needs_input_grad[0]:
+        grad_rows = gather(grad_y, row_of_pair, offsets, weights, ctx.num_rows)
     grad_w = None
     if weights is not None and ctx.needs_input_grad[3]:
         grad_w = pair_dot(grad_y, rows, row_of_pair, offsets).to(weights.dtype)
@@ -122,7 +139,7 @@ _combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 def combine(rows: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
     """Expert rows back to token order: ``y[t] = sum_k w[t, k] * rows[row_of_pair[t, k]]`` over valid pairs.
 
-    ``rows [T*K, D]`` -> ``[T, D]`` in ``rows.dtype``, accumulated in float32 in slot order (deterministic).
+    ``rows [M, D]`` (``M = T*K``, or fewer: pairs whose row is ``>= M`` are not valid) -> ``[T, D]`` in ``rows.dtype``, accumulated in float32 in slot order (deterministic).
     """
     return torch.ops.moe.combine(rows, row_of_pair, offsets, weights)
 
@@ -150,7 +167,9 @@ def _pair_dot_setup(ctx, inputs, output):
 def _pair_dot_backward(ctx, grad):
     a, rows, row_of_pair, offsets = ctx.saved_tensors
     grad_a = combine(rows, row_of_pair, offsets, grad).to(a.dtype) if ctx.needs_input_grad[0] else None
-    grad_rows = gather(a, row_of_pair, offsets, grad).to(rows.dtype) if ctx.needs_input_grad[1] else None
+    grad_rows = None
+    if ctx.needs_input_grad[1]:
+        grad_rows = gather(a, row_of_pair, offsets, grad, rows.shape[0]).to(rows.dtype)
     return grad_a, grad_rows, None, None
 
 

@@ -147,11 +147,11 @@ def bias_grads(
     return grad_bias, grad_probs
 
 
-@torch.library.triton_op("moe_triton::add_expert_bias", mutates_args=())
+@C.triton_op("add_expert_bias")
 def add_expert_bias(h: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor]) -> Tensor:
     return add_bias(h, bias, offsets, probs)
 
 
-@torch.library.triton_op("moe_triton::expert_bias_backward", mutates_args=())
+@C.triton_op("expert_bias_backward")
 def expert_bias_backward(grad: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return bias_grads(grad, bias, offsets, probs)

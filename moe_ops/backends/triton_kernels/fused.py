@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moe_ops.backends.triton_kernels import _common as C
 from moe_ops.backends.triton_kernels.activation import activation_grads
 from moe_ops.backends.triton_kernels.bias import bias_grads
 from moe_ops.backends.triton_kernels.grouped_gemm import grouped_gemm
@@ -29,7 +30,7 @@ def _flat(probs: Optional[Tensor]) -> Optional[Tensor]:
     return None if probs is None else probs.reshape(-1).contiguous()
 
 
-@torch.library.triton_op("moe_triton::expert_up", mutates_args=())
+@C.triton_op("expert_up")
 def expert_up(
     x: Tensor, pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor, w1: Tensor, b1: Optional[Tensor],
     probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float], linear_offset: float,
@@ -41,7 +42,7 @@ def expert_up(
     return a, h
 
 
-@torch.library.triton_op("moe_triton::expert_down", mutates_args=())
+@C.triton_op("expert_down")
 def expert_down(
     a: Tensor, w2: Tensor, b2: Optional[Tensor], probs: Optional[Tensor], pair_of_row: Tensor, row_of_pair: Tensor,
     offsets: Tensor, out_dtype: Optional[torch.dtype],
@@ -52,7 +53,7 @@ def expert_down(
     return combine_rows(out, row_of_pair, offsets, None, out_dtype)
 
 
-@torch.library.triton_op("moe_triton::expert_down_backward", mutates_args=())
+@C.triton_op("expert_down_backward")
 def expert_down_backward(
     grad_y: Tensor, a: Tensor, w2: Tensor, b2: Optional[Tensor], probs: Optional[Tensor], pair_of_row: Tensor,
     row_of_pair: Tensor, offsets: Tensor,
@@ -70,7 +71,7 @@ def expert_down_backward(
     return grad_a, grad_w2, grad_b2, grad_probs
 
 
-@torch.library.triton_op("moe_triton::expert_up_backward", mutates_args=())
+@C.triton_op("expert_up_backward")
 def expert_up_backward(
     grad_a: Tensor, x: Tensor, h: Tensor, pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor, w1: Tensor,
     b1: Optional[Tensor], probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float],

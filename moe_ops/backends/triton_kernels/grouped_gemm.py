@@ -157,6 +157,6 @@ def grouped_gemm(
     return out, h
 
 
-@torch.library.triton_op("moe_triton::grouped_mm", mutates_args=())
+@C.triton_op("grouped_mm")
 def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     return grouped_gemm(a, b, offsets)[0]

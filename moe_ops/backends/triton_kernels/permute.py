@@ -2,8 +2,8 @@
 
 All three walk the (token, slot) pairs through ``row_of_pair`` — a program owns tokens, so
 ``combine`` and ``pair_dot`` are gather-reduces over the K slots in slot order, float32,
-with no atomics: deterministic.  A pair is valid when ``0 <= row < min(offsets[-1], T*K)``;
-invalid pairs read nothing and contribute exactly zero.
+with no atomics: deterministic.  A pair is valid when ``0 <= row < min(offsets[-1], M)``, ``M`` the
+number of expert-order rows (``T*K``, or fewer); invalid pairs read nothing and contribute exactly zero.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _pair_rows(row_of_pair_ptr, tokens, token_ok, k, K, limit):
 @triton.jit
 def _gather_kernel(
     x_ptr, stride_x, row_of_pair_ptr, offsets_ptr, w_ptr, out_ptr, stride_out,
-    T, K, D, G,
+    T, K, D, G, M,
     HAS_W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
     # One program: BT tokens x BD columns, all K slots (x read once, written K times).
@@ -36,7 +36,7 @@ def _gather_kernel(
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     token_ok = tokens < T
     col_ok = cols < D
-    n_rows = tl.cast(T, tl.int64) * K
+    n_rows = tl.cast(M, tl.int64)
     limit = C.valid_limit(offsets_ptr, G, n_rows)
     x = tl.load(x_ptr + tokens.to(tl.int64)[:, None] * stride_x + cols[None, :],
                 mask=token_ok[:, None] & col_ok[None, :], other=0.0)
@@ -55,14 +55,14 @@ def _gather_kernel(
 @triton.jit
 def _combine_kernel(
     rows_ptr, stride_rows, row_of_pair_ptr, offsets_ptr, w_ptr, y_ptr, stride_y,
-    T, K, D, G,
+    T, K, D, G, M,
     HAS_W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     token_ok = tokens < T
     col_ok = cols < D
-    limit = C.valid_limit(offsets_ptr, G, tl.cast(T, tl.int64) * K)
+    limit = C.valid_limit(offsets_ptr, G, tl.cast(M, tl.int64))
     acc = tl.zeros((BT, BD), dtype=tl.float32)
     for k in range(0, K):
         row, valid = _pair_rows(row_of_pair_ptr, tokens, token_ok, k, K, limit)
@@ -79,14 +79,14 @@ def _combine_kernel(
 @triton.jit
 def _pair_dot_kernel(
     a_ptr, stride_a, rows_ptr, stride_rows, row_of_pair_ptr, offsets_ptr, out_ptr,
-    T, K, D, G,
+    T, K, D, G, M,
     BT: tl.constexpr, BD: tl.constexpr,
 ):
     # One program: BT tokens, one slot k; a fixed-order sum over D.
     tokens = tl.program_id(0) * BT + tl.arange(0, BT)
     k = tl.program_id(1)
     token_ok = tokens < T
-    limit = C.valid_limit(offsets_ptr, G, tl.cast(T, tl.int64) * K)
+    limit = C.valid_limit(offsets_ptr, G, tl.cast(M, tl.int64))
     row, valid = _pair_rows(row_of_pair_ptr, tokens, token_ok, k, K, limit)
     a_rows = a_ptr + tokens.to(tl.int64)[:, None] * stride_a
     r_rows = rows_ptr + tl.where(valid, row, 0)[:, None] * stride_rows
@@ -108,17 +108,19 @@ def _grid_tokens(T, D, blocks):
     return (triton.cdiv(T, blocks.m), triton.cdiv(D, blocks.n))
 
 
-def gather_rows(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor]) -> Tensor:
+def gather_rows(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor],
+                num_rows: Optional[int] = None) -> Tensor:
     x = _contiguous_rows(x)
     row_of_pair = row_of_pair.contiguous()
     T, K = row_of_pair.shape
     D = x.shape[1]
-    out = x.new_empty(T * K, D)
+    M = T * K if num_rows is None else num_rows
+    out = x.new_empty(M, D)
     blocks = C.rows_blocks(D)
     C.launch(
         _gather_kernel, _grid_tokens(T, D, blocks),
         x, x.stride(0), row_of_pair, offsets, weights.contiguous() if weights is not None else x,
-        out, out.stride(0), T, K, D, offsets.shape[0],
+        out, out.stride(0), T, K, D, offsets.shape[0], M,
         HAS_W=weights is not None, BT=blocks.m, BD=blocks.n, **blocks.meta(),
     )
     return out
@@ -136,23 +138,24 @@ def combine_rows(
     C.launch(
         _combine_kernel, _grid_tokens(T, D, blocks),
         rows, rows.stride(0), row_of_pair, offsets, weights.contiguous() if weights is not None else rows,
-        y, y.stride(0), T, K, D, offsets.shape[0],
+        y, y.stride(0), T, K, D, offsets.shape[0], rows.shape[0],
         HAS_W=weights is not None, BT=blocks.m, BD=blocks.n, **blocks.meta(),
     )
     return y
 
 
-@torch.library.triton_op("moe_triton::gather", mutates_args=())
-def gather(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor]) -> Tensor:
-    return gather_rows(x, row_of_pair, offsets, weights)
+@C.triton_op("gather")
+def gather(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor],
+           num_rows: Optional[int] = None) -> Tensor:
+    return gather_rows(x, row_of_pair, offsets, weights, num_rows)
 
 
-@torch.library.triton_op("moe_triton::combine", mutates_args=())
+@C.triton_op("combine")
 def combine(rows: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor]) -> Tensor:
     return combine_rows(rows, row_of_pair, offsets, weights)
 
 
-@torch.library.triton_op("moe_triton::pair_dot", mutates_args=())
+@C.triton_op("pair_dot")
 def pair_dot(a: Tensor, rows: Tensor, row_of_pair: Tensor, offsets: Tensor) -> Tensor:
     a, rows = _contiguous_rows(a), _contiguous_rows(rows)
     row_of_pair = row_of_pair.contiguous()
@@ -162,7 +165,7 @@ def pair_dot(a: Tensor, rows: Tensor, row_of_pair: Tensor, offsets: Tensor) -> T
     blocks = C.rows_blocks(D)
     C.launch(
         _pair_dot_kernel, (triton.cdiv(T, blocks.m), K),
-        a, a.stride(0), rows, rows.stride(0), row_of_pair, offsets, out, T, K, D, offsets.shape[0],
+        a, a.stride(0), rows, rows.stride(0), row_of_pair, offsets, out, T, K, D, offsets.shape[0], rows.shape[0],
         BT=blocks.m, BD=blocks.n, **blocks.meta(),
     )
     return out

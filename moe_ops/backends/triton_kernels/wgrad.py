@@ -79,6 +79,6 @@ def grouped_wgrad(
     return out
 
 
-@torch.library.triton_op("moe_triton::grouped_mm_wgrad", mutates_args=())
+@C.triton_op("grouped_mm_wgrad")
 def grouped_mm_wgrad(a: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
     return grouped_wgrad(a, grad, offsets)
