@@ -217,12 +217,17 @@ def test_ep_benchmark_script_runs_on_cpu_gloo(tmp_path):
     """benchmarks/bench_ep.py's logic, on gloo with tiny shapes (the GPU run uses NCCL)."""
     import json
 
-    output = run_torchrun("benchmarks/bench_ep.py", ["--device", "cpu", "--tiny"], 2, tmp_path, 120)
+    output = run_torchrun("benchmarks/bench_ep.py", ["--device", "cpu", "--tiny", "--host-costs"], 2, tmp_path, 180)
     assert "dispatch+combine" in output and "GroupedExpertsDeepEP EP x2" in output, output[-3000:]
     assert "unwaited collective" not in output, output[-3000:]
     report = json.loads((tmp_path / "bench_ep_ws2.json").read_text())
     bandwidth, layers = report["dispatch_combine"], report["layers"]
     assert bandwidth["rows_sent_max"] > 0 and bandwidth["ours_GBps"] > 0 and bandwidth["raw_GBps"] > 0
+    # One row per (token, rank that owns one of its experts): between 1 and the EP size (2) per token.
+    assert 1.0 <= bandwidth["rows_per_token"] <= 2.0, bandwidth["rows_per_token"]
+    assert bandwidth["pair_rows_sent_max"] >= bandwidth["rows_sent_max"]
+    assert "ours_compiled_ms" in bandwidth, bandwidth.get("ours_compiled_error")
+    assert all(us > 0 for us in bandwidth["host_us"].values()), bandwidth["host_us"]
     for key in ("one_gpu_whole_batch_ms", "GroupedExperts_ep_ms", "GroupedExpertsDeepEP_ep_ms"):
         assert layers[key] > 0, key
 
