@@ -146,6 +146,13 @@ def bench_dispatch_combine(args, mesh, device, rank: int, world_size: int) -> di
     return result
 
 
+# (result name, module, apply_ep's reduce_dtype): the defaults, and the all-to-all module sending its
+# partial outputs home in bf16 (DeepEP's choice: half the combine bytes).
+EP_LAYERS = (("GroupedExperts", GroupedExperts, torch.float32),
+             ("GroupedExpertsDeepEP", GroupedExpertsDeepEP, torch.float32),
+             ("GroupedExpertsDeepEP_bf16_partials", GroupedExpertsDeepEP, None))
+
+
 def layer_step(module, inp: dict):
     """One forward+backward; parameter gradients are dropped first so nothing accumulates."""
     x = inp["x"].detach().requires_grad_()
@@ -250,15 +257,14 @@ def bench_layers(args, mesh, device, rank: int, world_size: int) -> dict:
             results["one_gpu_scaled_ms"] = scaled
     mine = ep_common.routed_tokens(args.tokens, args.experts, args.topk, args.dim, torch.bfloat16, device,
                                    seed=2000 + rank)
-    for cls in (GroupedExperts, GroupedExpertsDeepEP):
-        module = apply_ep(build(cls, cfg, device), mesh)
+    for name, cls, reduce_dtype in EP_LAYERS:
+        module = apply_ep(build(cls, cfg, device), mesh, reduce_dtype=reduce_dtype)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the step's peak, not the full-size build's
-        results[f"{cls.__name__}_ep_ms"] = ep_common.time_ms(layer_step(module, mine), device, args.warmup,
-                                                             args.iters)
+        results[f"{name}_ep_ms"] = ep_common.time_ms(layer_step(module, mine), device, args.warmup, args.iters)
         module = None
         if device.type == "cuda":
-            results[f"{cls.__name__}_peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+            results[f"{name}_peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.empty_cache()
     return results
 
@@ -312,7 +318,7 @@ def main() -> None:
         peak = layers.get(f"one_gpu_{args.tokens * world_size}_tokens_peak_GiB",
                           layers.get(f"one_gpu_{args.tokens}_tokens_peak_GiB", "-"))
         rows = [[label, single if single is not None else layers.get("one_gpu_error", "skipped"), "1", peak]]
-        for name in ("GroupedExperts", "GroupedExpertsDeepEP"):
+        for name, _, _ in EP_LAYERS:
             ms = layers[f"{name}_ep_ms"]
             rows.append([f"{name} EP x{world_size}", ms, f"{single / ms:.2f}" if single else "-",
                          layers.get(f"{name}_peak_GiB", "-")])

@@ -46,6 +46,18 @@ def parse_args():
     return args
 
 
+def variants(compile_backend) -> list[tuple]:
+    """``(name, module class, apply_ep's reduce_dtype, compiled)`` of each EP run checked: both modules
+    with the defaults (float32 partial sums), the all-to-all module sending bf16 partials as DeepEP
+    does, and both defaults under torch.compile when a backend is given."""
+    runs = [("GroupedExperts", GroupedExperts, torch.float32, False),
+            ("GroupedExpertsDeepEP", GroupedExpertsDeepEP, torch.float32, False),
+            ("GroupedExpertsDeepEP (bf16 partials)", GroupedExpertsDeepEP, None, False)]
+    if compile_backend:
+        runs += [(name, cls, dtype, True) for name, cls, dtype, _ in runs[:2]]
+    return runs
+
+
 def token_counts(first: int, world_size: int) -> list[int]:
     """Uneven tokens per rank; from 3 ranks on, the third rank has none."""
     if world_size == 2:
@@ -116,12 +128,8 @@ def main() -> None:
             return {k: v[experts] if k.endswith(("projs_grad", "bias_grad")) else v[mine] for k, v in full.items()}
 
         ref, single = expected(ref), expected(single)
-        variants = [(cls.__name__, False) for cls in (GroupedExperts, GroupedExpertsDeepEP)]
-        if args.compile_backend:
-            variants += [(name, True) for name, _ in variants]
-        for name, compiled in variants:
-            cls = GroupedExperts if name == "GroupedExperts" else GroupedExpertsDeepEP
-            module = apply_ep(make_module(cls, cfg16, params16, device), mesh)
+        for name, cls, reduce_dtype, compiled in variants(args.compile_backend):
+            module = apply_ep(make_module(cls, cfg16, params16, device), mesh, reduce_dtype=reduce_dtype)
             forward = torch.compile(module, fullgraph=True, backend=args.compile_backend) if compiled else module
             got = run(forward, inputs16, mine)
             for key in ref:

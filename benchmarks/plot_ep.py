@@ -22,6 +22,30 @@ TRANSFER_BARS = (
 )
 
 
+def _grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float]]], fmt: str, ylabel: str,
+                  title: str) -> None:
+    """One bar per series in each group, labelled with its value."""
+    width = 0.8 / len(series)
+    ax.set_ylim(0, 1.45 * max(max(values) for _, values in series))  # room for the legend above the bars
+    for i, (label, values) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
+        ax.bar_label(ax.bar(xs, values, width, label=label), fmt=fmt, fontsize=7)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def _single_gpu_ms(report: dict) -> float:
+    layers = report.get("layers", {})
+    return layers.get("one_gpu_whole_batch_ms") or layers.get("one_gpu_scaled_ms") or 0.0
+
+
+LAYER_BARS = (("GroupedExperts_ep_ms", "GroupedExperts (all-gather)"),
+              ("GroupedExpertsDeepEP_ep_ms", "GroupedExpertsDeepEP (all-to-all, float32 partials)"),
+              ("GroupedExpertsDeepEP_bf16_partials_ep_ms", "GroupedExpertsDeepEP (all-to-all, bf16 partials)"))
+
+
 def plot(reports: list[dict], out: Path) -> Path:
     import matplotlib
 
@@ -31,35 +55,16 @@ def plot(reports: list[dict], out: Path) -> Path:
     reports = sorted(reports, key=lambda r: r["env"]["world_size"])
     sizes = [f"EP x{r['env']['world_size']}" for r in reports]
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
-    width = 0.8 / len(TRANSFER_BARS)
-    for i, (key, label) in enumerate(TRANSFER_BARS):
-        values = [r["dispatch_combine"].get(key, 0.0) for r in reports]
-        xs = [j + (i - (len(TRANSFER_BARS) - 1) / 2) * width for j in range(len(reports))]
-        bars = left.bar(xs, values, width, label=label)
-        left.bar_label(bars, fmt="%.2f", fontsize=7)
-    left.set_xticks(range(len(reports)), sizes)
-    left.set_ylabel("ms (forward dispatch + combine)")
-    left.set_title("Dispatch + combine, DeepSeek-V3 shapes (D7168 K8 E256, 4096 tokens/rank)", fontsize=9)
-    left.legend(fontsize=7)
-
-    layer_bars = (("single", "one GPU, whole batch"), ("GroupedExperts_ep_ms", "GroupedExperts (all-gather)"),
-                  ("GroupedExpertsDeepEP_ep_ms", "GroupedExpertsDeepEP (all-to-all)"))
-    width = 0.8 / len(layer_bars)
-    for i, (key, label) in enumerate(layer_bars):
-        values = []
-        for r in reports:
-            layers = r.get("layers", {})
-            single = layers.get("one_gpu_whole_batch_ms") or layers.get("one_gpu_scaled_ms") or 0.0
-            values.append(single if key == "single" else layers.get(key, 0.0))
-        xs = [j + (i - (len(layer_bars) - 1) / 2) * width for j in range(len(reports))]
-        bars = right.bar(xs, values, width, label=label)
-        right.bar_label(bars, fmt="%.1f", fontsize=7)
-    right.set_xticks(range(len(reports)), sizes)
-    right.set_ylabel("ms (forward + backward)")
-    right.set_title("EP layer against one GPU on the whole batch (the same work)", fontsize=9)
-    right.legend(fontsize=7)
-    card = reports[0]["env"].get("gpu", "?")
-    fig.suptitle(f"{card}, torch {reports[0]['env']['torch']}, NCCL", fontsize=10)
+    _grouped_bars(left, sizes, [(label, [r["dispatch_combine"].get(key, 0.0) for r in reports])
+                                for key, label in TRANSFER_BARS],
+                  "%.2f", "ms (forward dispatch + combine)",
+                  "Dispatch + combine, DeepSeek-V3 shapes (D7168 K8 E256, 4096 tokens/rank)")
+    layers = [("one GPU, whole batch", [_single_gpu_ms(r) for r in reports])]
+    layers += [(label, [r.get("layers", {}).get(key, 0.0) for r in reports]) for key, label in LAYER_BARS]
+    _grouped_bars(right, sizes, layers, "%.1f", "ms (forward + backward)",
+                  "EP layer against one GPU on the whole batch (the same work)")
+    env = reports[0]["env"]
+    fig.suptitle(f"{env.get('gpu', '?')}, torch {env['torch']}, NCCL", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return out

@@ -59,6 +59,14 @@ def all_to_all_autograd(x: torch.Tensor, output_split_sizes, input_split_sizes, 
     return _AllToAll.apply(x, output_split_sizes, input_split_sizes, group)
 
 
+def partial_dtype(x_dtype: torch.dtype, reduce_dtype) -> torch.dtype:
+    """dtype of the per-rank partial outputs summed across ranks: ``reduce_dtype`` (``apply_ep``'s,
+    float32 by default), never narrower than ``x``; ``None``: ``x``'s own dtype."""
+    if reduce_dtype is None or torch.finfo(reduce_dtype).bits <= torch.finfo(x_dtype).bits:
+        return x_dtype
+    return reduce_dtype
+
+
 def host_ints(t) -> list[int]:
     """The values of a small integer tensor on the host: the one device->host sync of an EP forward.
 

@@ -54,7 +54,8 @@ class GroupedExpertsDeepEP(nn.Module):
         w1, w2, b1, b2 = local_expert_params(self)
         if self.token_dispatcher is None:
             return run_local_experts(x, token_mask, weights, indices, w1, w2, b1, b2, self.activation)
-        return self.token_dispatcher.run(x, token_mask, weights, indices, w1, w2, b1, b2, self.activation)
+        return self.token_dispatcher.run(x, token_mask, weights, indices, w1, w2, b1, b2, self.activation,
+                                         getattr(self, "ep_reduce_dtype", torch.float32))
 
     def init_weights(self, buffer_device: torch.device, init_std: float = 0.02) -> None:
         init_expert_params(self, buffer_device, init_std)

@@ -31,13 +31,6 @@ def max_tokens(num_tokens: int, device: torch.device, group) -> int:
     return largest
 
 
-def partial_dtype(x_dtype: torch.dtype, reduce_dtype: Optional[torch.dtype]) -> torch.dtype:
-    """dtype of the partial outputs summed across ranks: ``reduce_dtype``, never narrower than ``x``."""
-    if reduce_dtype is None or torch.finfo(reduce_dtype).bits <= torch.finfo(x_dtype).bits:
-        return x_dtype
-    return reduce_dtype
-
-
 def all_gather_experts(module, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor,
                        w1: Tensor, w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor]) -> Tensor:
     """``module``'s expert block over the EP group ``module.ep_mesh``; ``w1 .. b2`` are the local shards."""
@@ -55,7 +48,7 @@ def all_gather_experts(module, x: Tensor, token_mask: Tensor, weights: Tensor, i
     routed_all = comm.all_gather(F.pad(routed_TK, (0, 0, 0, pad), value=-1), 0, group)
     everyone = torch.ones(routed_all.shape[0], dtype=torch.bool, device=x.device)
 
-    reduce_dtype = partial_dtype(x.dtype, getattr(module, "ep_reduce_dtype", torch.float32))
+    reduce_dtype = comm.partial_dtype(x.dtype, getattr(module, "ep_reduce_dtype", torch.float32))
     partial = run_local_experts(x_all, everyone, weights_all, routed_all, w1, w2, b1, b2, module.activation,
                                 expert_start, out_dtype=reduce_dtype)
     y_pad = comm.reduce_scatter_autograd(partial, "sum", 0, group)

@@ -15,13 +15,15 @@ experts per rank; rank ``r`` owns experts ``r*E_local ... (r+1)*E_local - 1``):
    made local (-1 where the expert lives on another rank) — the metadata travel as one float tensor.
 4. The receiver runs its experts on the received tokens: the (token, local expert) pairs are
    gathered into expert order, the local experts run on them, and ``moe.combine`` sums each token's
-   local pairs (float32, slot order) into one partial row, rounded to ``x.dtype`` as DeepEP sends it.
+   local pairs (float32, slot order) into one partial row, kept in float32 by default
+   (``apply_ep(reduce_dtype=None)``: rounded to ``x.dtype``, as DeepEP sends it: half the bytes back).
 5. Combine: the inverse all-to-all brings the partial rows home, where ``moe.combine`` sums a token's
-   per-rank partials in float32, in rank order (deterministic).
+   per-rank partials in float32, in rank order (deterministic), rounded once to ``x.dtype``.
 
-The collectives are the autograd variants of the functional collectives, so backward is the mirror
-image (all-to-all with the split sizes swapped) and ``torch.compile(fullgraph=True)`` traces the
-whole path.  Every rank calls every collective, also with zero tokens.
+Backward is the mirror image (all-to-all with the split sizes swapped).  Under ``torch.compile`` the
+all-to-alls are the autograd functional collectives, so ``fullgraph=True`` traces the whole path; in
+eager mode they are ``dist.all_to_all_single`` (``_ep_comm``: far less host time).  Every rank calls
+every collective, also with zero tokens.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class AllToAllDispatcher:
         Returns ``row_of_pair [T, ep]`` (past every row where token ``t`` has no expert on rank ``r``),
         ``offsets [ep]`` int32 cumulative rows per rank, ``pair_of_row [T*ep]`` (``t*ep + r`` of each
         row sent; rows past them hold any in-range pair), and the rows and (token, expert) pairs per
-        rank.  Eager mode takes a prefix sum over ``[T, ep]`` (about ten small kernels); under
+        rank.  Eager mode takes a prefix sum over ``[T, ep]`` (about twenty small kernels); under
         ``torch.compile`` it is ``moe.route`` over the ranks as experts, since torch 2.11's Inductor
         fails to generate CUDA code for the prefix sum.  Both give the same layout."""
         T, K = indices.shape
@@ -138,15 +140,20 @@ class AllToAllDispatcher:
         return moe_ops.combine(home, dispatched.row_of_pair, dispatched.offsets)
 
     def run(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
-            b1: Optional[Tensor], b2: Optional[Tensor], act: Activation) -> Tensor:
+            b1: Optional[Tensor], b2: Optional[Tensor], act: Activation,
+            reduce_dtype: Optional[torch.dtype] = torch.float32) -> Tensor:
+        """The expert block over the EP group.  Each rank's partial rows travel home in
+        ``reduce_dtype`` (float32 by default, so a token's output is accumulated in float32 as on one
+        device; ``None``: in ``x.dtype``, half the combine bytes, as DeepEP sends them)."""
         d = self.dispatch(x, token_mask, weights, indices)
-        partial = experts_on_received_tokens(d, w1, w2, b1, b2, act)
-        return self.combine(partial, d)
+        partial = experts_on_received_tokens(d, w1, w2, b1, b2, act, comm.partial_dtype(x.dtype, reduce_dtype))
+        return self.combine(partial, d).to(x.dtype)
 
 
 def experts_on_received_tokens(d: Dispatched, w1: Tensor, w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor],
-                               act: Activation) -> Tensor:
-    """The local experts on the received tokens: ``[N, D]`` partial outputs (each token's local pairs summed).
+                               act: Activation, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The local experts on the received tokens: ``[N, D]`` partial outputs (each token's local pairs
+    summed in float32, returned in ``out_dtype``, default the rows' dtype).
 
     The (token, local expert) pairs are gathered into expert order first — exactly the valid pairs,
     so the grouped GEMMs run on no padding rows — then the experts run on them one pair per row."""
@@ -159,5 +166,5 @@ def experts_on_received_tokens(d: Dispatched, w1: Tensor, w2: Tensor, b1: Option
     probs = permuted_probs(d.probs, pairs).unsqueeze(1)
     expert = d.local_indices.reshape(-1).index_select(0, pairs).unsqueeze(1)
     out_pairs = run_local_experts(x_pairs, torch.ones(P, dtype=torch.bool, device=d.rows.device), probs, expert,
-                                  w1, w2, b1, b2, act)
+                                  w1, w2, b1, b2, act, out_dtype=out_dtype)
     return moe_ops.combine(out_pairs, row_of_pair, offsets)

@@ -24,9 +24,9 @@ def apply_ep(module: nn.Module, ep_mesh, *, reduce_dtype: Optional[torch.dtype] 
 
     The state-dict keys stay the same; their values become DTensors whose ``full_tensor()`` is the
     unsharded parameter.  Every rank must hold the same full parameters (they are scattered from
-    the mesh's first rank).  ``reduce_dtype``: dtype in which ``GroupedExperts`` sums the ranks'
-    partial outputs (``None``: the input dtype).  ``GroupedExpertsDeepEP`` sends each rank's partial
-    output in the input dtype (as DeepEP's combine does) and sums the partials in float32.
+    the mesh's first rank).  ``reduce_dtype``: dtype of the per-rank partial outputs that are summed
+    across ranks (by the reduce-scatter of ``GroupedExperts``, by the combine all-to-all of
+    ``GroupedExpertsDeepEP``); ``None``: the input dtype (half the bytes; DeepEP's own choice).
     """
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
