@@ -167,10 +167,10 @@ def test_run_gpu_script_goes_on_after_a_failing_step(tmp_path):
 
 def test_plot_ep_from_the_recorded_runs(tmp_path):
     pytest.importorskip("matplotlib", reason="needs matplotlib (pip install 'moe-ops[bench]')")
-    reports = sorted((ROOT / "benchmarks" / "results").glob("bench_ep_h100x*.json"))
+    reports = sorted((ROOT / "benchmarks" / "results").glob("bench_ep_h100x[0-9].json"))
     assert len(reports) == 2, reports
     png = tmp_path / "ep.png"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_ep.py"), *map(str, reports), "--out", str(png)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "plot_ep.py"), *map(str, reports), "--out", str(png)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

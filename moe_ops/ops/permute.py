@@ -38,12 +38,14 @@ def _validate_gather(x, row_of_pair, offsets, weights, num_rows=None):
     _validate_common("x", x, row_of_pair, offsets, weights)
     _checks.size("row_of_pair", row_of_pair.shape[0], x.shape[0], "number of tokens (dim 0 of x)")
     if num_rows is not None:
-        _checks.between("num_rows", num_rows, 0, row_of_pair.shape[0] * row_of_pair.shape[1], "a row count (at most T*K)")
+        T, K = row_of_pair.shape
+        _checks.between("num_rows", num_rows, 0, T * K, "a row count (at most T*K)")
 
 
 def _validate_combine(rows, row_of_pair, offsets, weights):
     _validate_common("rows", rows, row_of_pair, offsets, weights)
-    _checks.between("rows", rows.shape[0], 0, row_of_pair.shape[0] * row_of_pair.shape[1], "a row count (at most T*K)")
+    T, K = row_of_pair.shape
+    _checks.between("rows", rows.shape[0], 0, T * K, "a row count (at most T*K)")
 
 
 def _rows_of(row_of_pair, num_rows):
@@ -139,7 +141,8 @@ _combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 def combine(rows: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
     """Expert rows back to token order: ``y[t] = sum_k w[t, k] * rows[row_of_pair[t, k]]`` over valid pairs.
 
-    ``rows [M, D]`` (``M = T*K``, or fewer: pairs whose row is ``>= M`` are not valid) -> ``[T, D]`` in ``rows.dtype``, accumulated in float32 in slot order (deterministic).
+    ``rows [M, D]`` (``M = T*K``, or fewer: pairs whose row is ``>= M`` are not valid) -> ``[T, D]``
+    in ``rows.dtype``, accumulated in float32 in slot order (deterministic).
     """
     return torch.ops.moe.combine(rows, row_of_pair, offsets, weights)
 
