@@ -93,13 +93,19 @@ def _input_reasons(op: str, args: tuple) -> list[str]:
     return reasons
 
 
+@functools.lru_cache(maxsize=None)
+def _wrap_triton_switch():
+    """``set_wrap_triton_enabled`` where this torch has it (looked up once: this is every op call's path)."""
+    from torch._library import triton as library_triton
+
+    return getattr(library_triton, "set_wrap_triton_enabled", None)
+
+
 def _direct_launches():
     """Launch Triton kernels straight away, as ``triton_op`` does when it runs its kernels: by default
     ``wrap_triton`` routes an eager launch through a higher-order op (hundreds of microseconds of host
     time per launch, measured on H200)."""
-    from torch._library import triton as library_triton
-
-    switch = getattr(library_triton, "set_wrap_triton_enabled", None)
+    switch = _wrap_triton_switch()
     return switch(False) if switch is not None else contextlib.nullcontext()
 
 
