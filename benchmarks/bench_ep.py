@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 import ep_common
 from moe_modules import GroupedExperts, GroupedExpertsDeepEP, MoEConfig, apply_ep
-from moe_modules.parallel import AllToAllDispatcher
+from moe_modules.parallel import AllToAllDispatcher, PeerDispatcher
 
 
 def parse_args():
@@ -97,6 +97,9 @@ def bench_dispatch_combine(args, mesh, device, rank: int, world_size: int) -> di
             dist.all_to_all_single(recv, send, recv_splits, send_splits)
             dist.all_to_all_single(back, recv, send_splits, recv_splits)
 
+        def raw_back():
+            dist.all_to_all_single(back, recv, send_splits, recv_splits)
+
         def raw_per_pair_there_and_back():
             dist.all_to_all_single(pair_recv, pair_send, pair_recv_splits, pair_splits)
             dist.all_to_all_single(pair_back, pair_recv, pair_splits, pair_recv_splits)
@@ -119,6 +122,9 @@ def bench_dispatch_combine(args, mesh, device, rank: int, world_size: int) -> di
                                                                                 args.iters)
         except Exception as error:  # noqa: BLE001 - reported, the eager figures stand on their own
             timings["ours_compiled_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        timings.update(bench_peer(args, mesh, device, (x, mask, weights, indices),
+                                  {"raw_there_and_back": raw_there_and_back, "raw_there": raw_there,
+                                   "raw_back": raw_back, "ours_dispatch_combine": ours}))
         if args.profile and device.type == "cuda":
             timings["profile"] = ep_common.profile_table(ours, device, rank)
         if args.host_costs:
@@ -140,17 +146,68 @@ def bench_dispatch_combine(args, mesh, device, rank: int, world_size: int) -> di
     result["dispatch_fraction_of_raw"] = timings["raw_there_ms"] / timings["ours_dispatch_ms"]
     result["speedup_vs_raw_per_pair"] = timings["raw_per_pair_there_and_back_ms"] / timings["ours_dispatch_combine_ms"]
     result["pipelined_fraction_of_raw"] = timings["raw_pipelined_ms"] / timings["ours_pipelined_ms"]
+    for ours_name, raw_name in (("peer_dispatch_combine", "raw_there_and_back"), ("peer_dispatch", "raw_there"),
+                                ("peer_combine", "raw_back"), ("ours_dispatch_combine", "raw_there_and_back"),
+                                ("peer_compiled", "raw_there_and_back")):
+        if f"{ours_name}_host_ahead_ms" in timings:
+            result[f"{ours_name}_host_ahead_fraction_of_raw"] = (timings[f"{raw_name}_host_ahead_ms"]
+                                                                 / timings[f"{ours_name}_host_ahead_ms"])
+    result["peer_fraction_of_raw"] = timings["raw_there_and_back_ms"] / timings["peer_dispatch_combine_ms"]
+    result["peer_pipelined_fraction_of_raw"] = timings["raw_pipelined_ms"] / timings["peer_pipelined_ms"]
     if "ours_compiled_ms" in timings:
         result["compiled_fraction_of_raw"] = timings["raw_there_and_back_ms"] / timings["ours_compiled_ms"]
         result["compiled_pipelined_fraction_of_raw"] = timings["raw_pipelined_ms"] / timings["ours_compiled_pipelined_ms"]
     return result
 
 
-# (result name, module, apply_ep's reduce_dtype): the defaults, and the all-to-all module sending its
-# partial outputs home in bf16 (DeepEP's choice: half the combine bytes).
-EP_LAYERS = (("GroupedExperts", GroupedExperts, torch.float32),
-             ("GroupedExpertsDeepEP", GroupedExpertsDeepEP, torch.float32),
-             ("GroupedExpertsDeepEP_bf16_partials", GroupedExpertsDeepEP, None))
+def bench_peer(args, mesh, device, inputs: tuple, baselines: dict) -> dict:
+    """The peer-memory dispatch (``apply_ep(max_tokens_per_rank=tokens)``) with identity experts, and
+    device time with the host ahead of the device for it and the baselines (the raw all-to-alls, and
+    the all-to-all dispatch, whose host read of the split sizes keeps the host from getting ahead)."""
+    x, mask, weights, indices = inputs
+    peer = PeerDispatcher(mesh, args.experts, args.tokens)
+    received = peer.dispatch(x, mask, weights, indices)
+
+    def peer_dispatch():
+        return peer.dispatch(x, mask, weights, indices).rows
+
+    def peer_combine():
+        return peer.combine(received.rows, received, x.dtype)
+
+    def peer_dispatch_combine():
+        got = peer.dispatch(x, mask, weights, indices)
+        return peer.combine(got.rows, got, x.dtype)  # identity experts, partials in bf16 like the raw a2a
+
+    timings = {"peer_dispatch_combine_ms": ep_common.time_ms(peer_dispatch_combine, device, args.warmup, args.iters),
+               "peer_pipelined_ms": ep_common.time_pipelined_ms(peer_dispatch_combine, device, args.warmup,
+                                                                args.iters)}
+    host_ahead = {}
+    runs = {"peer_dispatch_combine": peer_dispatch_combine, "peer_dispatch": peer_dispatch,
+            "peer_combine": peer_combine, **baselines}
+    try:
+        runs["peer_compiled"] = torch.compile(peer_dispatch_combine, fullgraph=True)
+        timings["peer_compiled_ms"] = ep_common.time_ms(runs["peer_compiled"], device, args.warmup, args.iters)
+    except Exception as error:  # noqa: BLE001 - reported; the eager figures stand on their own
+        runs.pop("peer_compiled", None)
+        timings["peer_compiled_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    for name, fn in runs.items():
+        timings[f"{name}_host_ahead_ms"], host_ahead[name] = ep_common.time_host_ahead_ms(fn, device, args.warmup,
+                                                                                          args.iters)
+    timings["host_ahead_held"] = host_ahead
+    timings["peer_capacity_rows"] = peer.capacity * peer.ep_size
+    if args.profile and device.type == "cuda":
+        timings["peer_profile"] = ep_common.profile_table(peer_dispatch_combine, device, dist.get_rank())
+        if "peer_compiled" in runs:
+            timings["peer_compiled_profile"] = ep_common.profile_table(runs["peer_compiled"], device, dist.get_rank())
+    return timings
+
+
+# (result name, module, apply_ep's keyword arguments): the defaults, the all-to-all module sending its
+# partial outputs home in bf16 (DeepEP's choice: half the combine bytes), and the peer-memory dispatch.
+EP_LAYERS = (("GroupedExperts", GroupedExperts, {}),
+             ("GroupedExpertsDeepEP", GroupedExpertsDeepEP, {}),
+             ("GroupedExpertsDeepEP_bf16_partials", GroupedExpertsDeepEP, {"reduce_dtype": None}),
+             ("GroupedExpertsDeepEP_peer", GroupedExpertsDeepEP, {"max_tokens_per_rank": None}))
 
 
 def layer_step(module, inp: dict):
@@ -255,8 +312,10 @@ def bench_layers(args, mesh, device, rank: int, world_size: int) -> dict:
             results["one_gpu_scaled_ms"] = scaled
     mine = ep_common.routed_tokens(args.tokens, args.experts, args.topk, args.dim, torch.bfloat16, device,
                                    seed=2000 + rank)
-    for name, cls, reduce_dtype in EP_LAYERS:
-        module = apply_ep(build(cls, cfg, device), mesh, reduce_dtype=reduce_dtype)
+    for name, cls, ep_kwargs in EP_LAYERS:
+        if "max_tokens_per_rank" in ep_kwargs:
+            ep_kwargs = {"max_tokens_per_rank": args.tokens}
+        module = apply_ep(build(cls, cfg, device), mesh, **ep_kwargs)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the step's peak, not the full-size build's
         results[f"{name}_ep_ms"] = ep_common.time_ms(layer_step(module, mine), device, args.warmup, args.iters)
@@ -295,6 +354,22 @@ def main() -> None:
                if "compiled_fraction_of_raw" in bandwidth else [])))
         if "ours_compiled_error" in bandwidth:
             print("compiled dispatch+combine failed:", bandwidth["ours_compiled_error"])
+        print(f"\nPeer-memory dispatch (max_tokens_per_rank={args.tokens}: {bandwidth['peer_capacity_rows']} receive "
+              f"rows per rank), same rows; device ms per call with the host ahead (held on every rank: "
+              f"{bandwidth['host_ahead_held']})")
+        ahead = [[name, bandwidth[f"{name}_host_ahead_ms"], bandwidth[f"{raw}_host_ahead_ms"],
+                  bandwidth.get(f"{name}_host_ahead_fraction_of_raw", "-")]
+                 for name, raw in (("peer_dispatch", "raw_there"), ("peer_combine", "raw_back"),
+                                   ("peer_dispatch_combine", "raw_there_and_back"),
+                                   ("peer_compiled", "raw_there_and_back"),
+                                   ("ours_dispatch_combine", "raw_there_and_back"))
+                 if f"{name}_host_ahead_ms" in bandwidth]
+        print(ep_common.table(["path (host ahead)", "ours ms", "raw a2a ms", "raw / ours"], ahead))
+        print(f"peer dispatch+combine, one call: {bandwidth['peer_dispatch_combine_ms']:.3g} ms "
+              f"({bandwidth['peer_fraction_of_raw']:.2f} of raw); back to back: {bandwidth['peer_pipelined_ms']:.3g} ms "
+              f"({bandwidth['peer_pipelined_fraction_of_raw']:.2f} of raw)"
+              + (f"; compiled, one call: {bandwidth['peer_compiled_ms']:.3g} ms" if "peer_compiled_ms" in bandwidth
+                 else f"; compiled failed: {bandwidth.get('peer_compiled_error')}"))
         print(f"raw all_to_all_single there and back of one row per (token, expert): "
               f"{bandwidth['raw_per_pair_there_and_back_ms']:.3g} ms "
               f"({bandwidth['speedup_vs_raw_per_pair']:.2f}x ours' time)")
@@ -304,6 +379,9 @@ def main() -> None:
                 print(f"  {us:9.1f}  {name}")
         if "profile" in bandwidth:
             print("\nrank 0, dispatch+combine, CUDA time per kernel (one call):\n" + bandwidth["profile"])
+        for key, what in (("peer_profile", "eager"), ("peer_compiled_profile", "compiled")):
+            if key in bandwidth:
+                print(f"\nrank 0, peer dispatch+combine ({what}), CUDA time per kernel (one call):\n{bandwidth[key]}")
         if not layers:
             ep_common.write_json(f"bench_ep_ws{world_size}.json", {"env": ep_common.environment(device),
                                                                   "args": vars(args), "dispatch_combine": bandwidth})

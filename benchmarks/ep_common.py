@@ -93,6 +93,40 @@ def time_pipelined_ms(fn: Callable[[], object], device, warmup: int, iters: int)
     return max_over_ranks(ms, device)
 
 
+def time_host_ahead_ms(fn: Callable[[], object], device, warmup: int, iters: int) -> tuple[float, bool]:
+    """Device milliseconds per call of ``iters`` calls queued behind a sleep kernel, so that the whole
+    queue is built before the device reaches it: the device's own time, with every host cost hidden
+    as in a training step whose GEMMs keep the host ahead.  Returns ``(max over ranks, whether the
+    host finished queueing before the sleep ended on every rank)``.  A host sync inside ``fn``
+    drains the queue, so for such a path this is its back-to-back time.  CPU: back to back."""
+    if device.type != "cuda":
+        return time_pipelined_ms(fn, device, warmup, iters), True
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    sleep_ms = 200.0
+    probe_s, probe_e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    probe_s.record()
+    torch.cuda._sleep(10_000_000)
+    probe_e.record()
+    probe_e.synchronize()
+    cycles = int(10_000_000 * sleep_ms / probe_s.elapsed_time(probe_e))
+    dist.barrier()
+    synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    torch.cuda._sleep(cycles)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    queued_ms = (time.perf_counter() - t0) * 1e3
+    end.synchronize()
+    ahead = torch.tensor([0.0 if queued_ms < 0.8 * sleep_ms else 1.0], device=device)
+    dist.all_reduce(ahead, op=dist.ReduceOp.MAX)
+    return max_over_ranks(start.elapsed_time(end) / iters, device), bool(ahead.item() == 0.0)
+
+
 def local_median_ms(fn: Callable[[], object], device, warmup: int, iters: int) -> float:
     """Median milliseconds of ``fn`` on this rank alone (no collective: safe inside try/except)."""
     for _ in range(warmup):

@@ -7,10 +7,11 @@
 Every rank builds the same global batch (uneven token counts, one rank with none at 4 ranks) and
 the same parameters.  Each rank runs the single-device ``GroupedExperts`` on the whole batch in
 bf16 and in float32 (the reference), then ``GroupedExperts`` (all-gather) and
-``GroupedExpertsDeepEP`` (all-to-all) under ``apply_ep`` on its own tokens, and compares the output
+``GroupedExpertsDeepEP`` (all-to-all, and the peer-memory dispatch of ``max_tokens_per_rank``)
+under ``apply_ep`` on its own tokens, and compares the output
 and every gradient (x, routing weights, its parameter shards).  Passes when each EP result is within
 1e-2 (norm-wise relative) of the float32 reference, like the single-device bf16 result.
-``--compile-backend`` also runs both EP modules under ``torch.compile(fullgraph=True)``.
+``--compile-backend`` also runs the EP modules under ``torch.compile(fullgraph=True)``.
 Writes ``$OUT/ep_parity_ws{N}.json`` when ``OUT`` is set; exit status 1 when a check fails.
 """
 
@@ -46,15 +47,17 @@ def parse_args():
     return args
 
 
-def variants(compile_backend) -> list[tuple]:
-    """``(name, module class, apply_ep's reduce_dtype, compiled)`` of each EP run checked: both modules
-    with the defaults (float32 partial sums), the all-to-all module sending bf16 partials as DeepEP
-    does, and both defaults under torch.compile when a backend is given."""
-    runs = [("GroupedExperts", GroupedExperts, torch.float32, False),
-            ("GroupedExpertsDeepEP", GroupedExpertsDeepEP, torch.float32, False),
-            ("GroupedExpertsDeepEP (bf16 partials)", GroupedExpertsDeepEP, None, False)]
+def variants(compile_backend, capacity: int) -> list[tuple]:
+    """``(name, module class, apply_ep's keyword arguments, compiled)`` of each EP run checked: both
+    modules with the defaults (float32 partial sums), the all-to-all module sending bf16 partials as
+    DeepEP does, the peer-memory dispatch (``max_tokens_per_rank``), and the defaults and the
+    peer-memory dispatch under torch.compile when a backend is given."""
+    runs = [("GroupedExperts", GroupedExperts, {}, False),
+            ("GroupedExpertsDeepEP", GroupedExpertsDeepEP, {}, False),
+            ("GroupedExpertsDeepEP (bf16 partials)", GroupedExpertsDeepEP, {"reduce_dtype": None}, False),
+            ("GroupedExpertsDeepEP (peer memory)", GroupedExpertsDeepEP, {"max_tokens_per_rank": capacity}, False)]
     if compile_backend:
-        runs += [(name, cls, dtype, True) for name, cls, dtype, _ in runs[:2]]
+        runs += [(name, cls, kwargs, True) for name, cls, kwargs, _ in (runs[0], runs[1], runs[3])]
     return runs
 
 
@@ -128,8 +131,8 @@ def main() -> None:
             return {k: v[experts] if k.endswith(("projs_grad", "bias_grad")) else v[mine] for k, v in full.items()}
 
         ref, single = expected(ref), expected(single)
-        for name, cls, reduce_dtype, compiled in variants(args.compile_backend):
-            module = apply_ep(make_module(cls, cfg16, params16, device), mesh, reduce_dtype=reduce_dtype)
+        for name, cls, ep_kwargs, compiled in variants(args.compile_backend, max(counts)):
+            module = apply_ep(make_module(cls, cfg16, params16, device), mesh, **ep_kwargs)
             forward = torch.compile(module, fullgraph=True, backend=args.compile_backend) if compiled else module
             got = run(forward, inputs16, mine)
             for key in ref:

@@ -12,6 +12,7 @@
 #   bench  benchmarks/bench_experts.py, every shape x routing x path
 #   ep     expert parallelism, for each world size N in EP_SIZES (default "2"; the machine needs N GPUs):
 #          torchrun benchmarks/gpu_ep_parity.py --compile-backend inductor, then benchmarks/bench_ep.py --host-costs
+#          (EP_BENCH_ARGS replaces --host-costs, e.g. "--host-costs --profile")
 #   plot   benchmarks/plot.py on the JSON (skipped with a note when matplotlib is missing: run it later on
 #          any machine with `python benchmarks/plot.py path/to/bench_experts.json`)
 # Logs: $OUT/<step>.log, the JSON and the PNG in $OUT, exit codes in $OUT/steps.txt (at most 8 files come
@@ -101,7 +102,7 @@ step_ep() {
     echo "---- EP x$n: parity (eager and inductor) ----"
     torchrun --nproc-per-node "$n" benchmarks/gpu_ep_parity.py --compile-backend inductor || rc=1
     echo "---- EP x$n: dispatch+combine and layer benchmark ----"
-    torchrun --nproc-per-node "$n" benchmarks/bench_ep.py --host-costs || rc=1
+    torchrun --nproc-per-node "$n" benchmarks/bench_ep.py ${EP_BENCH_ARGS:---host-costs} || rc=1
   done
   return $rc
 }

@@ -82,3 +82,13 @@ def op_samples(scenario: str, dtype: torch.dtype, seed: int = 0) -> Iterator[tup
         yield f"expert_down{name}", ops.expert_down.default, (a, w2, b2, probs, *routed, None)
         yield f"expert_down{name}-float32_out", ops.expert_down.default, (a, w2, b2, probs, *routed, torch.float32)
         yield f"expert_down_backward{name}", ops.expert_down_backward.default, (leaf(T, C), a, w2, b2, probs, *routed)
+    yield "clear_tail_", ops.clear_tail_.default, (leaf(R, C).detach(), offsets)  # in place: no autograd
+    # Rows from several sources (expert parallelism's peer loads). No autograd formula of their own
+    # (the EP transport's ops define it), so their inputs do not require grad.
+    sources = [leaf(r, C).detach() for r in (4, T, 2)]
+    index = torch.randint(0, 2, (3, 3), generator=g).to(DEVICE)
+    counts = torch.tensor([3, min(T, 2), 1], device=DEVICE)
+    yield "gather_from", ops.gather_from.default, (sources, index, counts)
+    row = torch.randint(-1, 2, (T, 3), generator=g).to(DEVICE)
+    yield "sum_from", ops.sum_from.default, (sources, row, None)
+    yield "sum_from-float32_out", ops.sum_from.default, (sources, row, torch.float32)

@@ -30,11 +30,15 @@ class GroupedExpertsDeepEP(nn.Module):
         self.token_dispatcher = None
         create_expert_params(self, config)
 
-    def init_token_dispatcher(self, ep_mesh) -> None:
-        from moe_modules.parallel import AllToAllDispatcher
+    def init_token_dispatcher(self, ep_mesh, max_tokens_per_rank: Optional[int] = None) -> None:
+        """All-to-all dispatch / combine over ``ep_mesh`` with exact split sizes; or, given
+        ``max_tokens_per_rank``, the static-shape peer-memory dispatch (no host sync)."""
+        from moe_modules.parallel import AllToAllDispatcher, PeerDispatcher
 
         self.ep_mesh = ep_mesh
-        self.token_dispatcher = AllToAllDispatcher(ep_mesh, self.config.n_routed_experts)
+        E = self.config.n_routed_experts
+        self.token_dispatcher = (AllToAllDispatcher(ep_mesh, E) if max_tokens_per_rank is None
+                                 else PeerDispatcher(ep_mesh, E, max_tokens_per_rank))
 
     @staticmethod
     def _apply_bias(value: Tensor, bias: Optional[Tensor], tokens_per_expert: Tensor, permuted_probs=None) -> Tensor:

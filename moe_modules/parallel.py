@@ -2,11 +2,13 @@
 
 * :func:`apply_ep` shards the four expert parameters ``Shard(0)`` (``E / ep_size`` experts per rank).
 * ``GroupedExperts`` moves tokens by all-gather / reduce-scatter (:mod:`moe_modules.ep_all_gather`).
-* ``GroupedExpertsDeepEP`` moves them by all-to-all dispatch / combine (:mod:`moe_modules.ep_all_to_all`).
+* ``GroupedExpertsDeepEP`` moves them by all-to-all dispatch / combine (:mod:`moe_modules.ep_all_to_all`),
+  or, with ``max_tokens_per_rank``, through GPU peer memory with static shapes (:mod:`moe_modules.ep_peer`).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -15,11 +17,13 @@ from torch import nn
 from moe_modules._params import PARAM_NAMES
 from moe_modules.ep_all_gather import all_gather_experts
 from moe_modules.ep_all_to_all import AllToAllDispatcher
+from moe_modules.ep_peer import PeerDispatcher
 
-__all__ = ["apply_ep", "all_gather_experts", "AllToAllDispatcher"]
+__all__ = ["apply_ep", "all_gather_experts", "AllToAllDispatcher", "PeerDispatcher"]
 
 
-def apply_ep(module: nn.Module, ep_mesh, *, reduce_dtype: Optional[torch.dtype] = torch.float32) -> nn.Module:
+def apply_ep(module: nn.Module, ep_mesh, *, reduce_dtype: Optional[torch.dtype] = torch.float32,
+             max_tokens_per_rank: Optional[int] = None) -> nn.Module:
     """Shard the four expert parameters ``Shard(0)`` over the 1-D ``ep_mesh`` and set up token movement.
 
     The state-dict keys stay the same; their values become DTensors whose ``full_tensor()`` is the
@@ -27,6 +31,12 @@ def apply_ep(module: nn.Module, ep_mesh, *, reduce_dtype: Optional[torch.dtype] 
     the mesh's first rank).  ``reduce_dtype``: dtype of the per-rank partial outputs that are summed
     across ranks (by the reduce-scatter of ``GroupedExperts``, by the combine all-to-all of
     ``GroupedExpertsDeepEP``); ``None``: the input dtype (half the bytes; DeepEP's own choice).
+
+    ``max_tokens_per_rank`` (``GroupedExpertsDeepEP`` only): ``None`` moves tokens by all-to-all with
+    exact split sizes (one host read of the counts per forward).  An int ``C`` (at least the tokens
+    of any rank in any call) selects the static-shape dispatch through GPU peer memory of
+    :mod:`moe_modules.ep_peer`: no host sync, CUDA-graph-able, one host of at most 8 GPUs; each
+    receiver holds ``ep_size * C`` rows.
     """
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
@@ -37,6 +47,10 @@ def apply_ep(module: nn.Module, ep_mesh, *, reduce_dtype: Optional[torch.dtype] 
     E = module.config.n_routed_experts
     if E % ep_size:
         raise ValueError(f"ep_mesh: n_routed_experts={E} must be divisible by the EP size, got ep_size={ep_size}")
+    dispatcher_args = inspect.signature(getattr(module, "init_token_dispatcher", lambda ep_mesh: None)).parameters
+    if max_tokens_per_rank is not None and "max_tokens_per_rank" not in dispatcher_args:
+        raise ValueError(f"max_tokens_per_rank: only GroupedExpertsDeepEP takes it (the peer-memory dispatch), "
+                         f"got {type(module).__name__}")
     for name in PARAM_NAMES:
         p = getattr(module, name)
         if isinstance(p, DTensor):
@@ -46,7 +60,9 @@ def apply_ep(module: nn.Module, ep_mesh, *, reduce_dtype: Optional[torch.dtype] 
         if p is not None:
             setattr(module, name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)]), p.requires_grad))
     module.ep_reduce_dtype = reduce_dtype
-    if hasattr(module, "init_token_dispatcher"):
+    if max_tokens_per_rank is not None:
+        module.init_token_dispatcher(ep_mesh, max_tokens_per_rank=max_tokens_per_rank)
+    elif hasattr(module, "init_token_dispatcher"):
         module.init_token_dispatcher(ep_mesh)
     else:
         module.ep_mesh = ep_mesh

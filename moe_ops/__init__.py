@@ -7,10 +7,11 @@ implementation and an autograd formula; kernels come from the backends in
 
 from moe_ops.ops.routing import route
 from moe_ops.ops.permute import gather, combine, pair_dot
-from moe_ops.ops.grouped_mm import grouped_mm, grouped_mm_wgrad
+from moe_ops.ops.grouped_mm import clear_tail_, grouped_mm, grouped_mm_wgrad
 from moe_ops.ops.bias import add_expert_bias, expert_bias_backward
 from moe_ops.ops.activation import GATED, activation, activation_backward, check_activation
 from moe_ops.ops.fused import expert_down, expert_down_backward, expert_up, expert_up_backward
+from moe_ops.ops.peer import gather_from, sum_from
 from moe_ops import backends as _backends  # noqa: F401  (registers the backends)
 from moe_ops.registry import NoBackendError, set_backend, use_backend
 
@@ -21,6 +22,7 @@ __all__ = [
     "pair_dot",
     "grouped_mm",
     "grouped_mm_wgrad",
+    "clear_tail_",
     "add_expert_bias",
     "expert_bias_backward",
     "activation",
@@ -29,6 +31,8 @@ __all__ = [
     "expert_up_backward",
     "expert_down",
     "expert_down_backward",
+    "gather_from",
+    "sum_from",
     "GATED",
     "check_activation",
     "NoBackendError",

@@ -30,7 +30,11 @@ TOKEN_LAYOUTS = {
     2: {"uneven": (5, 8), "empty_rank": (0, 7)},
     4: {"uneven": (4, 7, 2, 5), "empty_rank": (6, 0, 3, 5)},
 }
-MODULES = ("GroupedExperts", "GroupedExpertsDeepEP")
+# "+peer": GroupedExpertsDeepEP with apply_ep(max_tokens_per_rank=PEER_CAPACITY), the static-shape
+# peer-memory dispatch (on gloo its peer loads are stood in for by an all-gather).
+PEER = "+peer"
+PEER_CAPACITY = 9  # above every layout's largest rank, so receivers hold padding rows
+MODULES = ("GroupedExperts", "GroupedExpertsDeepEP", "GroupedExpertsDeepEP" + PEER)
 
 
 @dataclass(frozen=True)
@@ -107,16 +111,26 @@ def expert_slice(world_size: int, rank: int) -> slice:
 # ---- the worker ---------------------------------------------------------------------------
 
 
+def new_module(module_name: str, cfg):
+    import moe_modules
+
+    return getattr(moe_modules, module_name.removesuffix(PEER))(cfg)
+
+
+def ep_options(module_name: str) -> dict:
+    return {"max_tokens_per_rank": PEER_CAPACITY} if module_name.endswith(PEER) else {}
+
+
 def build_module(module_name: str, cfg, params: dict, mesh):
     """A module holding ``params`` (full tensors, identical on every rank), sharded by ``apply_ep``."""
     import moe_modules
 
-    module = getattr(moe_modules, module_name)(cfg)
+    module = new_module(module_name, cfg)
     with torch.no_grad():
         for name in PARAM_NAMES:
             if getattr(module, name) is not None:
                 getattr(module, name).copy_(params[name])
-    return moe_modules.apply_ep(module, mesh)
+    return moe_modules.apply_ep(module, mesh, **ep_options(module_name))
 
 
 def run_case(case: Case, mesh, rank: int, world_size: int) -> dict:
@@ -149,7 +163,7 @@ def check_state_dict_round_trip(mesh, rank: int, world_size: int, directory: str
         case = Case(module_name, "swiglu", True, "uneven")
         saved = make_inputs(case, world_size)
         cfg = config("swiglu", True)
-        single = getattr(moe_modules, module_name)(cfg)
+        single = new_module(module_name, cfg)
         module = build_module(module_name, cfg, saved, mesh)
         state = module.state_dict()
         if list(state) != list(single.state_dict()):
@@ -206,20 +220,61 @@ def check_bad_meshes(mesh, world_size: int) -> dict:
 
     messages = {}
     for module_name in MODULES:
-        module = getattr(moe_modules, module_name)(config("swiglu", False, num_experts=world_size + 1))
+        module = new_module(module_name, config("swiglu", False, num_experts=world_size + 1))
         try:
-            moe_modules.apply_ep(module, mesh)
+            moe_modules.apply_ep(module, mesh, **ep_options(module_name))
             messages[module_name + "-indivisible"] = None
         except ValueError as error:
             messages[module_name + "-indivisible"] = str(error)
-        module = getattr(moe_modules, module_name)(config("swiglu", False))
-        moe_modules.apply_ep(module, mesh)
+        module = new_module(module_name, config("swiglu", False))
+        moe_modules.apply_ep(module, mesh, **ep_options(module_name))
         try:
-            moe_modules.apply_ep(module, mesh)
+            moe_modules.apply_ep(module, mesh, **ep_options(module_name))
             messages[module_name + "-twice"] = None
         except ValueError as error:
             messages[module_name + "-twice"] = str(error)
+    # The peer-memory dispatch: more tokens than max_tokens_per_rank, and a module without a dispatcher.
+    module = build_module("GroupedExpertsDeepEP" + PEER, config("swiglu", False), make_inputs(
+        Case("GroupedExpertsDeepEP", "swiglu", False, "uneven"), world_size), mesh)
+    T = PEER_CAPACITY + 1
+    try:
+        module(torch.randn(T, DIM), torch.ones(T, dtype=torch.bool), torch.rand(T, TOP_K),
+               torch.zeros(T, TOP_K, dtype=torch.int64))
+        messages["peer-over-capacity"] = None
+    except ValueError as error:
+        messages["peer-over-capacity"] = str(error)
+    try:
+        moe_modules.apply_ep(new_module("GroupedExperts", config("swiglu", False)), mesh,
+                             max_tokens_per_rank=PEER_CAPACITY)
+        messages["peer-grouped-experts"] = None
+    except ValueError as error:
+        messages["peer-grouped-experts"] = str(error)
     return messages
+
+
+def opcheck_peer_ops(mesh, rank: int, world_size: int) -> dict:
+    """``torch.library.opcheck`` of the peer dispatch's own ops on this group (every rank runs the same
+    checks, so their collectives line up).  Returns ``{op: {test: outcome}}``."""
+    from moe_modules.ep_peer import PeerDispatcher
+
+    case = Case("GroupedExpertsDeepEP", "swiglu", False, "uneven")
+    inputs, mine = make_inputs(case, world_size), rank_slice(case, world_size, rank)
+    dispatcher = PeerDispatcher(mesh, NUM_EXPERTS, PEER_CAPACITY)
+    layout = dispatcher.layout(inputs["token_mask"][mine], inputs["indices"][mine])
+    group = dispatcher.group_name
+    T, N = layout.pos.shape[0], world_size * PEER_CAPACITY
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    samples = {
+        "pull": (torch.ops.moe_ep.pull.default,
+                 (inputs["x"][mine].clone().requires_grad_(), torch.randn(T, 2, requires_grad=True), *layout, group)),
+        "pull_sum": (torch.ops.moe_ep.pull_sum.default,
+                     (torch.randn(N, DIM, requires_grad=True), torch.randn(N, 2, requires_grad=True), *layout, group,
+                      None)),
+    }
+    with torch.enable_grad():
+        return {name: {k: str(v) for k, v in torch.library.opcheck(op, args, test_utils=tests,
+                                                                    raise_exception=False).items()}
+                for name, (op, args) in samples.items()}
 
 
 def worker(rank: int, world_size: int, directory: str) -> None:
@@ -237,6 +292,7 @@ def worker(rank: int, world_size: int, directory: str) -> None:
         results["cases"][case.name] = run_case(case, mesh, rank, world_size)
     results["state_dict_failures"] = check_state_dict_round_trip(mesh, rank, world_size, directory)
     results["bad_mesh_messages"] = check_bad_meshes(mesh, world_size)
+    results["peer_opcheck"] = opcheck_peer_ops(mesh, rank, world_size)
     if world_size == 4:
         # Data parallel x expert parallel: each "dp" replica is an EP group of 2 on mesh["ep"].
         mesh_2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))

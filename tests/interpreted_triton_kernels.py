@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import reference as f64_reference
+import moe_ops
 from moe_ops import registry, use_backend
 from moe_ops.backends import reference as ref_backend
 
@@ -206,6 +207,49 @@ def test_gather_combine_pair_dot_on_fewer_rows(keep):
     assert_close(got, want, torch.float32, "gather")
     assert_close(*triton_and_reference("combine", rows, row_of_pair, offsets, weights), torch.float32, "combine")
     assert_close(*triton_and_reference("pair_dot", x, rows, row_of_pair, offsets), torch.float32, "pair_dot")
+
+
+@pytest.mark.parametrize("case", ["skewed", "mixed", "all_masked"])
+def test_clear_tail(case):
+    """Zeroes exactly the rows from offsets[-1] on, in place (here with more rows than T*K too)."""
+    _, _, offsets, _ = routed(case)
+    rows = randn(int(offsets[-1]) + 21, D)
+    want = rows.clone()
+    ref_backend.clear_tail_(want, offsets)
+    with use_backend(clear_tail_="triton"):
+        assert moe_ops.clear_tail_(rows, offsets) is rows
+    assert torch.equal(rows, want)
+    assert not rows[int(offsets[-1]):].any() and torch.equal(rows[:int(offsets[-1])], want[:int(offsets[-1])])
+
+
+# ---- rows from several sources (expert parallelism's peer loads) -------------------------------
+
+
+def peer_sources(dtype, rows=(6, 1, 9)):
+    """Three sources of different lengths (each standing in for another GPU's buffer)."""
+    return [randn(r, D, dtype=dtype) for r in rows]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_gather_from_and_sum_from(dtype):
+    gen = torch.Generator().manual_seed(3)
+    sources = peer_sources(dtype)
+    capacity = 11  # more than a 8-row program block: two blocks per source
+    index = torch.randint(-2, 12, (3, capacity), generator=gen)  # some entries outside their source
+    counts = torch.tensor([4, 0, 11])
+    assert_close(*triton_and_reference("gather_from", sources, index, counts), dtype, "gather_from")
+    row = torch.randint(-1, 10, (13, 3), generator=gen)
+    for out_dtype in (None, torch.float32):
+        assert_close(*triton_and_reference("sum_from", sources, row, out_dtype), dtype, f"sum_from {out_dtype}")
+
+
+def test_gather_from_and_sum_from_with_eight_sources():
+    sources = peer_sources(torch.float32, rows=(3, 5, 2, 7, 1, 4, 6, 2))
+    index = torch.arange(3 * 8).reshape(8, 3) % 5
+    counts = torch.tensor([3, 2, 1, 0, 3, 3, 2, 1])
+    assert_close(*triton_and_reference("gather_from", sources, index, counts), torch.float32, "gather_from")
+    row = torch.arange(5 * 8).reshape(5, 8) % 4 - 1
+    assert_close(*triton_and_reference("sum_from", sources, row, None), torch.float32, "sum_from")
 
 
 # ---- grouped GEMMs ----------------------------------------------------------------------------

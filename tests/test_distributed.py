@@ -178,6 +178,22 @@ def test_apply_ep_rejects_indivisible_experts_and_double_sharding(ep_run):
             assert f"n_routed_experts={world_size + 1}" in indivisible and f"ep_size={world_size}" in indivisible
             twice = messages[module + "-twice"]
             assert twice is not None and "already" in twice, f"{module}: second apply_ep gave {twice!r}"
+        over = messages["peer-over-capacity"]
+        assert over is not None and f"max_tokens_per_rank={ep_cases.PEER_CAPACITY}" in over, over
+        assert f"got {ep_cases.PEER_CAPACITY + 1}" in over, over
+        wrong_module = messages["peer-grouped-experts"]
+        assert wrong_module is not None and "GroupedExpertsDeepEP" in wrong_module, wrong_module
+        assert "got GroupedExperts" in wrong_module, wrong_module
+
+
+def test_peer_dispatch_ops_pass_opcheck(ep_run):
+    """moe_ep::pull / moe_ep::pull_sum: schema, autograd registration, fake tensors, AOT dispatch."""
+    _, ranks = ep_run
+    for rank, results in enumerate(ranks):
+        outcomes = results["peer_opcheck"]
+        assert set(outcomes) == {"pull", "pull_sum"}
+        failures = {(op, test): o for op, tests in outcomes.items() for test, o in tests.items() if o != "SUCCESS"}
+        assert len(outcomes["pull"]) == 4 and not failures, f"rank {rank}: {failures}"
 
 
 def run_torchrun(script: str, args: list[str], nproc: int, out_dir: Path, deadline_s: float) -> str:
@@ -206,10 +222,12 @@ def test_gpu_parity_script_runs_on_cpu_gloo(tmp_path):
     import json
 
     output = run_torchrun("benchmarks/gpu_ep_parity.py", ["--device", "cpu", "--tiny"], 2, tmp_path, 120)
-    assert "PASSED: 51/51" in output, output[-3000:]  # 17 tensors x 3 EP runs (gpu_ep_parity.variants)
+    assert "PASSED: 68/68" in output, output[-3000:]  # 17 tensors x 4 EP runs (gpu_ep_parity.variants)
     report = json.loads((tmp_path / "ep_parity_ws2.json").read_text())
     assert report["passed"] and report["token_counts"] == [12, 7]
-    assert {r["module"] for r in report["results"]} == {*ep_cases.MODULES, "GroupedExpertsDeepEP (bf16 partials)"}
+    assert {r["module"] for r in report["results"]} == {"GroupedExperts", "GroupedExpertsDeepEP",
+                                                        "GroupedExpertsDeepEP (bf16 partials)",
+                                                        "GroupedExpertsDeepEP (peer memory)"}
     assert all(r["err_vs_fp32"] < report["tolerance"] for r in report["results"])
 
 
@@ -228,8 +246,15 @@ def test_ep_benchmark_script_runs_on_cpu_gloo(tmp_path):
     assert bandwidth["pair_rows_sent_max"] >= bandwidth["rows_sent_max"]
     assert "ours_compiled_ms" in bandwidth, bandwidth.get("ours_compiled_error")
     assert all(us > 0 for us in bandwidth["host_us"].values()), bandwidth["host_us"]
-    for key in ("one_gpu_whole_batch_ms", "GroupedExperts_ep_ms", "GroupedExpertsDeepEP_ep_ms"):
+    for key in ("one_gpu_whole_batch_ms", "GroupedExperts_ep_ms", "GroupedExpertsDeepEP_ep_ms",
+                "GroupedExpertsDeepEP_peer_ep_ms"):
         assert layers[key] > 0, key
+    # The peer-memory dispatch, timed eager, back to back, compiled and with the host ahead.
+    for key in ("peer_dispatch_combine_ms", "peer_pipelined_ms", "peer_compiled_ms",
+                "peer_dispatch_combine_host_ahead_ms", "peer_dispatch_host_ahead_ms", "peer_combine_host_ahead_ms",
+                "raw_there_and_back_host_ahead_ms"):
+        assert bandwidth[key] > 0, (key, bandwidth.get("peer_compiled_error"))
+    assert bandwidth["peer_capacity_rows"] == 2 * 16  # world size x --tiny's 16 tokens per rank
 
 
 def test_ep_on_a_submesh_of_a_dp_x_ep_mesh(ep_run):

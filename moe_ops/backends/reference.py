@@ -198,6 +198,35 @@ def activation_backward(grad, h, probs, kind, alpha, limit, linear_offset):
     return grad_h.to(h.dtype).contiguous(), grad_probs
 
 
+def _rows_or_zeros(src, idx, valid):
+    """``src[idx]`` where ``valid`` and ``idx`` is a row of ``src``, zero rows elsewhere."""
+    idx = idx.long()
+    valid = valid & (idx >= 0) & (idx < src.shape[0])
+    if src.shape[0] == 0:
+        return src.new_zeros(idx.shape[0], src.shape[1])
+    rows = src.index_select(0, torch.where(valid, idx, 0))
+    return torch.where(valid.unsqueeze(1), rows, 0)
+
+
+def clear_tail_(rows, offsets):
+    tail = torch.arange(rows.shape[0], device=rows.device) >= offsets[-1]
+    rows.masked_fill_(tail.unsqueeze(1), 0)
+
+
+def gather_from(sources, index, counts):
+    C = index.shape[1]
+    j = torch.arange(C, device=index.device)
+    blocks = [_rows_or_zeros(src, index[s], j < counts[s]) for s, src in enumerate(sources)]
+    return torch.cat(blocks).contiguous()
+
+
+def sum_from(sources, row, out_dtype):
+    acc = torch.zeros(row.shape[0], sources[0].shape[1], dtype=_acc(sources[0].dtype), device=row.device)
+    for s, src in enumerate(sources):
+        acc += _rows_or_zeros(src, row[:, s], row[:, s] >= 0).to(acc.dtype)
+    return acc.to(out_dtype or sources[0].dtype)
+
+
 # ---- the fused ops, composed from the kernels above (the oracle for the fused kernels) ----
 
 grouped_mm_any_tail = grouped_mm
@@ -214,6 +243,9 @@ KERNELS = {
     "expert_bias_backward": expert_bias_backward,
     "activation": activation,
     "activation_backward": activation_backward,
+    "clear_tail_": clear_tail_,
+    "gather_from": gather_from,
+    "sum_from": sum_from,
     **_FUSED,
 }
 

@@ -20,20 +20,19 @@ from moe_ops.registry import Backend
 _FAST_CAPABILITIES = {(9, 0), (10, 0)}
 
 
-def _zero_rows_past_end(out, offsets):
-    # torch._grouped_mm leaves rows past offsets[-1] unwritten.
-    rows = torch.arange(out.shape[0], device=out.device, dtype=offsets.dtype)
-    return out.masked_fill_((rows >= offsets[-1]).unsqueeze(1), 0)
-
-
 def _row_or_column_major(t):
     # CUTLASS takes the weights in either layout (a transposed view as is, no copy).
     return t if t.stride(-1) == 1 or t.stride(-2) == 1 else t.contiguous()
 
 
 def grouped_mm(a, b, offsets):
-    out = torch._grouped_mm(a.contiguous(), _row_or_column_major(b), offs=offsets)
-    return _zero_rows_past_end(out, offsets)
+    """``torch._grouped_mm`` computes only the groups' rows and leaves the rows past ``offsets[-1]``
+    unwritten; ``moe.clear_tail_`` zeroes just those (its Triton kernel's work follows the tail).
+    Taking the tail into the last group instead would make CUTLASS multiply it: no extra pass, but
+    when most rows are tail (the static-shape expert-parallel receiver) that is most of the FLOPs."""
+    out = _grouped_mm_any_tail(a, b, offsets)
+    torch.ops.moe.clear_tail_(out, offsets)
+    return out
 
 
 def grouped_mm_wgrad(a, grad, offsets):
@@ -50,13 +49,6 @@ def _unavailable() -> list[str]:
     return []
 
 
-def _grouped_mm_zero_tail(a, b, offsets):
-    """``grouped_mm`` for rows of ``a`` that are zero past ``offsets[-1]``: the last group takes them
-    in, so CUTLASS writes their (zero) products and no separate zeroing pass over the output runs."""
-    to_end = torch.cat([offsets[:-1], offsets.new_full((1,), a.shape[0])])
-    return torch._grouped_mm(a.contiguous(), _row_or_column_major(b), offs=to_end)
-
-
 def _grouped_mm_any_tail(a, b, offsets):
     return torch._grouped_mm(a.contiguous(), _row_or_column_major(b), offs=offsets)
 
@@ -65,7 +57,7 @@ class _Steps:
     """The fused ops' GEMMs on CUTLASS; every other step through its op (torch.ops.moe.*, resolved when called).
     See fused_composition.py for which GEMM outputs need zero rows past the last group."""
 
-    grouped_mm = staticmethod(_grouped_mm_zero_tail)
+    grouped_mm = staticmethod(grouped_mm)
     grouped_mm_any_tail = staticmethod(_grouped_mm_any_tail)
     grouped_mm_wgrad = staticmethod(grouped_mm_wgrad)
 

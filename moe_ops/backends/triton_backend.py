@@ -31,7 +31,8 @@ MAX_EXPERTS = 1022
 OPS = (
     "route", "gather", "combine", "pair_dot", "grouped_mm", "grouped_mm_wgrad", "add_expert_bias",
     "expert_bias_backward", "activation", "activation_backward",
-    "expert_up", "expert_up_backward", "expert_down", "expert_down_backward",
+    "expert_up", "expert_up_backward", "expert_down", "expert_down_backward", "gather_from", "sum_from",
+    "clear_tail_",
 )
 
 
@@ -71,7 +72,8 @@ def _experts(op: str, args: tuple) -> int:
 
 
 def _input_reasons(op: str, args: tuple) -> list[str]:
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])]  # gather_from's sources
+    tensors = [a for a in flat if isinstance(a, torch.Tensor)]
     if not tensors:  # asked without inputs (a support table): nothing to decline yet
         return []
     reasons = []

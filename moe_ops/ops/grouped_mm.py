@@ -93,3 +93,35 @@ def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
 def grouped_mm_wgrad(a: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
     """``[M, K]^T [M, N] -> [G, K, N]``: per group ``a_g^T @ grad_g`` (the weight gradient); empty groups give 0."""
     return torch.ops.moe.grouped_mm_wgrad(a, grad, offsets)
+
+
+# ---- clear_tail_: zero the rows past the last group, in place ------------------------------------
+
+registry.register_op("clear_tail_")
+
+
+def _validate_clear_tail(rows: Tensor, offsets: Tensor) -> None:
+    _checks.tensor("rows", rows, dim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.offsets("offsets", offsets)
+    _checks.same_device(rows=rows, offsets=offsets)
+
+
+@torch.library.custom_op("moe::clear_tail_", mutates_args=("rows",))
+def _clear_tail_(rows: Tensor, offsets: Tensor) -> None:
+    _validate_clear_tail(rows, offsets)
+    registry.call("clear_tail_", rows, offsets)
+
+
+@_clear_tail_.register_fake
+def _(rows, offsets):
+    _validate_clear_tail(rows, offsets)
+
+
+def clear_tail_(rows: Tensor, offsets: Tensor) -> Tensor:
+    """Zero the rows of ``rows [M, N]`` from ``offsets[-1]`` on, in place, and return ``rows``.
+
+    For a GEMM that computed only its groups' rows (CUTLASS leaves the others unwritten).  The
+    Triton kernel touches only those rows, so the cost follows the tail, not ``M``: expert
+    parallelism with static shapes hands the expert block mostly tail rows."""
+    torch.ops.moe.clear_tail_(rows, offsets)
+    return rows

@@ -1,8 +1,9 @@
 """The torch backend's reliance on what torch._grouped_mm writes, checked on the card (NaN-poisoned memory).
 
 The backend skips zeroing passes where CUTLASS writes the rows itself: empty groups of the
-weight-gradient form come back as exact zeros, and the fused ops' GEMMs whose rows past the last
-group must be zero take those rows into the last group (moe_ops/backends/torch_grouped_mm.py).
+weight-gradient form come back as exact zeros.  CUTLASS leaves the rows past the last group
+unwritten; where they must be zero, ``moe.clear_tail_`` zeroes just those rows
+(moe_ops/backends/torch_grouped_mm.py).
 """
 
 import pytest
@@ -72,3 +73,38 @@ def test_fused_ops_on_cutlass_match_reference_with_masked_tokens():
     assert (h[end:] == 0).all()
     assert ((h.float() - h_ref.float()).norm() / h_ref.float().norm()) < 1e-2
     assert ((a.float() - a_ref.float()).norm() / a_ref.float().norm()) < 1e-2
+
+
+@cuda
+def test_mostly_tail_rows_cost_no_gemm_work():
+    """The static-shape expert-parallel receiver hands the fused ops mostly tail rows: the GEMM must
+    not multiply them (it did when the tail joined the last group), and they must still come back 0."""
+    torch.manual_seed(0)
+    E, D, N, valid, tail = 8, 2048, 4096, 4096, 12 * 4096
+    a = torch.randn(valid + tail, D, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(E, D, N, device="cuda", dtype=torch.bfloat16)
+    offsets = _offsets([valid // E] * E)
+
+    def run():
+        with moe_ops.use_backend(grouped_mm="torch"):
+            return moe_ops.grouped_mm(a, b, offsets)
+
+    def ms(fn, iters=10):
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iters
+
+    _poison((valid + tail, N))
+    out = run()
+    assert (out[valid:] == 0).all() and out[:valid].isfinite().all()
+    dense = a[:valid]
+    all_rows = ms(lambda: torch._grouped_mm(a, b, offs=_offsets([valid // E] * (E - 1) + [valid // E + tail])))
+    only_groups = ms(run)
+    assert only_groups < 0.5 * all_rows, (only_groups, all_rows)
+    assert ((out[:valid].float() - (dense.view(E, valid // E, D).float() @ b.float()).reshape(valid, N)).norm()
+            / out[:valid].float().norm()) < 1e-2

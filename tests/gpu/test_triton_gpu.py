@@ -151,6 +151,11 @@ def test_row_ops_match_reference(D):
         ("add_expert_bias", (rows, torch.randn(E, D, **bf), offsets, p)),
         ("expert_bias_backward", (rows, torch.randn(E, D, **bf), offsets, p)),
     ]
+    # Rows from several sources (expert parallelism's peer loads), here three local tensors.
+    sources = [x, rows, x[:100]]
+    index = torch.randint(-1, T, (3, 1000), device=CUDA)
+    cases.append(("gather_from", (sources, index, torch.tensor([1000, 517, 90], device=CUDA))))
+    cases.append(("sum_from", (sources, torch.randint(-1, 100, (T, 3), device=CUDA), torch.float32)))
     for kind, limit in (("swiglu", None), ("quick_geglu", 7.0), ("relu2", None)):
         h = torch.randn(M, I if kind == "relu2" else 2 * I, **bf) * 3
         cases.append(("activation", (h, p, kind, 1.702, limit, 1.0)))

@@ -10,6 +10,7 @@ from moe_ops.backends.triton_kernels import (  # noqa: F401  (registers the ops)
     bias,
     fused,
     grouped_gemm,
+    peer,
     permute,
     routing,
     wgrad,

@@ -68,12 +68,12 @@ if INTERPRET:
 BODIES: dict = {}
 
 
-def triton_op(name: str):
+def triton_op(name: str, mutates_args=()):
     """``torch.library.triton_op("moe_triton::<name>")``, also recording the plain body in :data:`BODIES`."""
 
     def register(fn):
         BODIES[name] = fn
-        return torch.library.triton_op(f"moe_triton::{name}", mutates_args=())(fn)
+        return torch.library.triton_op(f"moe_triton::{name}", mutates_args=mutates_args)(fn)
 
     return register
 

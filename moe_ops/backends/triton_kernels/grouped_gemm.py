@@ -160,3 +160,26 @@ def grouped_gemm(
 @C.triton_op("grouped_mm")
 def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     return grouped_gemm(a, b, offsets)[0]
+
+
+@triton.jit
+def _clear_tail_kernel(rows_ptr, stride_m, offsets_ptr, G, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    # Blocks wholly inside the groups leave at once, so the work follows the tail's size.
+    first = tl.program_id(0) * BM
+    end = C.valid_limit(offsets_ptr, G, tl.cast(M, tl.int64))
+    if first + BM > end:
+        rows = first + tl.arange(0, BM)
+        tail = (rows >= end) & (rows < M)
+        zeros = tl.zeros((BM, BN), dtype=rows_ptr.dtype.element_ty)
+        for n0 in range(0, N, BN):
+            cols = n0 + tl.arange(0, BN)
+            tl.store(rows_ptr + rows.to(tl.int64)[:, None] * stride_m + cols[None, :], zeros,
+                     mask=tail[:, None] & (cols < N)[None, :])
+
+
+@C.triton_op("clear_tail_", mutates_args={"rows"})
+def clear_tail_(rows: Tensor, offsets: Tensor) -> None:
+    M, N = rows.shape
+    blocks = C.rows_blocks(N)
+    C.launch(_clear_tail_kernel, (triton.cdiv(M, blocks.m),), rows, rows.stride(0), offsets, offsets.shape[0], M, N,
+             BM=blocks.m, BN=blocks.n, **blocks.meta())

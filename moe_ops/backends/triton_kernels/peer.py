@@ -1,0 +1,125 @@
+"""gather_from / sum_from: rows read from up to eight source tensors (other GPUs' buffers under
+expert parallelism, which these loads read over NVLink).
+
+Each source is its own pointer argument; ``_source`` picks one by a compile-time index, so a
+kernel holds one copy of its loop body per source.  ``gather_from`` programs each own a block of
+one source's rows (a runtime branch selects the source); ``sum_from`` programs own tokens and add
+the sources in order, in float32: deterministic.  Indices outside a source read nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from moe_ops.backends.triton_kernels import _common as C
+from moe_ops.ops.peer import MAX_SOURCES
+
+
+@triton.jit
+def _source(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+    """Argument ``i`` of eight, chosen while compiling."""
+    picked = a0
+    if i == 1:
+        picked = a1
+    if i == 2:
+        picked = a2
+    if i == 3:
+        picked = a3
+    if i == 4:
+        picked = a4
+    if i == 5:
+        picked = a5
+    if i == 6:
+        picked = a6
+    if i == 7:
+        picked = a7
+    return picked
+
+
+@triton.jit
+def _gather_from_kernel(
+    p0, p1, p2, p3, p4, p5, p6, p7, n0, n1, n2, n3, n4, n5, n6, n7,
+    index_ptr, counts_ptr, out_ptr, C, D,
+    S: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+):
+    blocks_per_source = tl.cdiv(C, BR)
+    s = tl.program_id(0) // blocks_per_source
+    j = (tl.program_id(0) % blocks_per_source) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    col_ok = cols < D
+    row_ok = j < C
+    take = row_ok & (j < tl.load(counts_ptr + s))
+    idx = tl.load(index_ptr + s.to(tl.int64) * C + j, mask=take, other=0).to(tl.int64)
+    val = tl.zeros((BR, BD), dtype=out_ptr.dtype.element_ty)
+    for i in tl.static_range(S):
+        if s == i:
+            ok = take & (idx >= 0) & (idx < _source(i, n0, n1, n2, n3, n4, n5, n6, n7))
+            src = _source(i, p0, p1, p2, p3, p4, p5, p6, p7)
+            val = tl.load(src + tl.where(ok, idx, 0)[:, None] * D + cols[None, :],
+                          mask=ok[:, None] & col_ok[None, :], other=0.0)
+    out_rows = s.to(tl.int64) * C + j
+    tl.store(out_ptr + out_rows[:, None] * D + cols[None, :], val, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _sum_from_kernel(
+    p0, p1, p2, p3, p4, p5, p6, p7, n0, n1, n2, n3, n4, n5, n6, n7,
+    row_ptr, y_ptr, T, D,
+    S: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    token_ok = tokens < T
+    col_ok = cols < D
+    acc = tl.zeros((BT, BD), dtype=tl.float32)
+    for i in tl.static_range(S):
+        row = tl.load(row_ptr + tokens.to(tl.int64) * S + i, mask=token_ok, other=-1).to(tl.int64)
+        ok = token_ok & (row >= 0) & (row < _source(i, n0, n1, n2, n3, n4, n5, n6, n7))
+        src = _source(i, p0, p1, p2, p3, p4, p5, p6, p7)
+        acc += tl.load(src + tl.where(ok, row, 0)[:, None] * D + cols[None, :],
+                       mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(y_ptr + tokens.to(tl.int64)[:, None] * D + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=token_ok[:, None] & col_ok[None, :])
+
+
+def _padded(sources: list[Tensor]) -> tuple[list[Tensor], list[int]]:
+    """Eight contiguous sources and their row counts (unused slots repeat the first; never read)."""
+    sources = [s if s.is_contiguous() else s.contiguous() for s in sources]
+    rows = [s.shape[0] for s in sources]
+    pad = MAX_SOURCES - len(sources)
+    return sources + [sources[0]] * pad, rows + [0] * pad
+
+
+@C.triton_op("gather_from")
+def gather_from(sources: list[Tensor], index: Tensor, counts: Tensor) -> Tensor:
+    S, Cap = index.shape
+    D = sources[0].shape[1]
+    out = sources[0].new_empty(S * Cap, D)
+    ptrs, rows = _padded(sources)
+    blocks = C.rows_blocks(D)
+    C.launch(
+        _gather_from_kernel, (S * triton.cdiv(Cap, blocks.m), triton.cdiv(D, blocks.n)),
+        *ptrs, *rows, index.contiguous(), counts.contiguous(), out, Cap, D,
+        S=S, BR=blocks.m, BD=blocks.n, **blocks.meta(),
+    )
+    return out
+
+
+@C.triton_op("sum_from")
+def sum_from(sources: list[Tensor], row: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    T, S = row.shape
+    D = sources[0].shape[1]
+    y = sources[0].new_empty(T, D, dtype=out_dtype or sources[0].dtype)
+    ptrs, rows = _padded(sources)
+    blocks = C.rows_blocks(D)
+    C.launch(
+        _sum_from_kernel, (triton.cdiv(T, blocks.m), triton.cdiv(D, blocks.n)),
+        *ptrs, *rows, row.contiguous(), y, T, D,
+        S=S, BT=blocks.m, BD=blocks.n, **blocks.meta(),
+    )
+    return y

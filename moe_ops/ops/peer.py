@@ -1,0 +1,110 @@
+"""moe::gather_from, moe::sum_from — rows read from several source tensors (other ranks' buffers).
+
+Expert parallelism over GPU peer memory (``moe_modules.ep_peer``) hands these ops one source tensor
+per rank: views of the other GPUs' buffers, which a kernel on this GPU reads directly.  They are
+ordinary tensors to the ops, so the ops are also correct (and tested) on plain local tensors.
+
+* ``gather_from``: ``out[s*C + j] = sources[s][index[s, j]]`` for ``j < counts[s]``, 0 after: the
+  rows each rank asked this rank for, in capacity-padded blocks of ``C`` rows per source.
+* ``sum_from``: ``y[t] = sum_s sources[s][row[t, s]]`` over the ``s`` with ``0 <= row[t, s]``,
+  accumulated in float32 (float64 for float64) in source order: deterministic.
+
+Counts and rows are device tensors (no host sync).  No autograd formula: the expert-parallel
+transport that calls them defines the gradients (each op is the other's adjoint there); their
+inputs never require grad.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from moe_ops import _checks, registry
+
+for _op in ("gather_from", "sum_from"):
+    registry.register_op(_op)
+
+MAX_SOURCES = 8  # one GPU host; the Triton kernels take each source as its own pointer argument
+
+
+def _validate_sources(sources: list) -> None:
+    if not 1 <= len(sources) <= MAX_SOURCES:
+        raise ValueError(f"sources: expected 1 to {MAX_SOURCES} tensors, got {len(sources)}")
+    first = sources[0]
+    for s, src in enumerate(sources):
+        _checks.tensor(f"sources[{s}]", src, dim=2, dtypes=_checks.FLOAT_DTYPES)
+        _checks.same_dtype(f"sources[{s}]", src, "sources[0]", first)
+        _checks.size(f"sources[{s}]", src.shape[1], first.shape[1], "row width (dim 1 of sources[0])")
+        _checks.same_device(**{"sources[0]": first, f"sources[{s}]": src})
+
+
+def _validate_gather_from(sources, index, counts) -> None:
+    _validate_sources(sources)
+    _checks.tensor("index", index, dim=2, dtypes=(torch.int32, torch.int64))
+    _checks.tensor("counts", counts, dim=1, dtypes=(torch.int32, torch.int64))
+    _checks.size("index", index.shape[0], len(sources), "one row per source (dim 0)")
+    _checks.size("counts", counts.shape[0], len(sources), "one count per source")
+    _checks.same_device(sources=sources[0], index=index, counts=counts)
+
+
+def _validate_sum_from(sources, row, out_dtype) -> None:
+    _validate_sources(sources)
+    _checks.tensor("row", row, dim=2, dtypes=(torch.int32, torch.int64))
+    _checks.size("row", row.shape[1], len(sources), "one column per source (dim 1)")
+    _checks.same_device(sources=sources[0], row=row)
+    if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: expected None or a floating dtype, got {out_dtype}")
+
+
+# ---- gather_from ----------------------------------------------------------------------
+
+
+@torch.library.custom_op("moe::gather_from", mutates_args=())
+def _gather_from(sources: list[Tensor], index: Tensor, counts: Tensor) -> Tensor:
+    _validate_gather_from(sources, index, counts)
+    return registry.call("gather_from", sources, index, counts)
+
+
+@_gather_from.register_fake
+def _(sources, index, counts):
+    _validate_gather_from(sources, index, counts)
+    return sources[0].new_empty(index.shape[0] * index.shape[1], sources[0].shape[1])
+
+
+def gather_from(sources: list[Tensor], index: Tensor, counts: Tensor) -> Tensor:
+    """Rows of several sources into capacity-padded blocks: ``out[s*C + j] = sources[s][index[s, j]]``
+    for ``j < counts[s]``, zero rows after.
+
+    ``sources``: 1 to 8 tensors ``[R_s, D]`` of one dtype (rows may differ); ``index [S, C]`` int
+    (entries past ``counts[s]`` are ignored; the others must be ``< R_s``); ``counts [S]`` int.
+    Returns ``[S*C, D]`` in the sources' dtype.
+    """
+    return torch.ops.moe.gather_from(sources, index, counts)
+
+
+# ---- sum_from -------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moe::sum_from", mutates_args=())
+def _sum_from(sources: list[Tensor], row: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    _validate_sum_from(sources, row, out_dtype)
+    return registry.call("sum_from", sources, row, out_dtype)
+
+
+@_sum_from.register_fake
+def _(sources, row, out_dtype=None):
+    _validate_sum_from(sources, row, out_dtype)
+    return sources[0].new_empty(row.shape[0], sources[0].shape[1], dtype=out_dtype or sources[0].dtype)
+
+
+def sum_from(sources: list[Tensor], row: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """One row per token summed over the sources: ``y[t] = sum_s sources[s][row[t, s]]`` over the
+    ``s`` with ``row[t, s] >= 0`` (negative: the token has no row there).
+
+    ``sources``: 1 to 8 tensors ``[R_s, D]``; ``row [T, S]`` int (non-negative entries ``< R_s``).
+    Returns ``[T, D]`` in ``out_dtype`` (default the sources' dtype), accumulated in float32
+    (float64 for float64) in source order and rounded once; a token with no row gets zeros.
+    """
+    return torch.ops.moe.sum_from(sources, row, out_dtype)
