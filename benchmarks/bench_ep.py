@@ -148,7 +148,7 @@ def bench_dispatch_combine(args, mesh, device, rank: int, world_size: int) -> di
     result["pipelined_fraction_of_raw"] = timings["raw_pipelined_ms"] / timings["ours_pipelined_ms"]
     for ours_name, raw_name in (("peer_dispatch_combine", "raw_there_and_back"), ("peer_dispatch", "raw_there"),
                                 ("peer_combine", "raw_back"), ("ours_dispatch_combine", "raw_there_and_back"),
-                                ("peer_compiled", "raw_there_and_back")):
+                                ("peer_compiled", "raw_there_and_back"), ("peer_graph", "raw_there_and_back")):
         if f"{ours_name}_host_ahead_ms" in timings:
             result[f"{ours_name}_host_ahead_fraction_of_raw"] = (timings[f"{raw_name}_host_ahead_ms"]
                                                                  / timings[f"{ours_name}_host_ahead_ms"])
@@ -190,6 +190,13 @@ def bench_peer(args, mesh, device, inputs: tuple, baselines: dict) -> dict:
     except Exception as error:  # noqa: BLE001 - reported; the eager figures stand on their own
         runs.pop("peer_compiled", None)
         timings["peer_compiled_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    if device.type == "cuda":  # no host sync: the whole dispatch+combine replays as one CUDA graph
+        try:
+            graph, _ = ep_common.cuda_graph(peer_dispatch_combine)
+            runs["peer_graph"] = graph.replay
+            timings["peer_graph_ms"] = ep_common.time_ms(graph.replay, device, args.warmup, args.iters)
+        except Exception as error:  # noqa: BLE001 - reported; the other figures stand on their own
+            timings["peer_graph_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     for name, fn in runs.items():
         timings[f"{name}_host_ahead_ms"], host_ahead[name] = ep_common.time_host_ahead_ms(fn, device, args.warmup,
                                                                                           args.iters)
@@ -361,7 +368,7 @@ def main() -> None:
                   bandwidth.get(f"{name}_host_ahead_fraction_of_raw", "-")]
                  for name, raw in (("peer_dispatch", "raw_there"), ("peer_combine", "raw_back"),
                                    ("peer_dispatch_combine", "raw_there_and_back"),
-                                   ("peer_compiled", "raw_there_and_back"),
+                                   ("peer_compiled", "raw_there_and_back"), ("peer_graph", "raw_there_and_back"),
                                    ("ours_dispatch_combine", "raw_there_and_back"))
                  if f"{name}_host_ahead_ms" in bandwidth]
         print(ep_common.table(["path (host ahead)", "ours ms", "raw a2a ms", "raw / ours"], ahead))
@@ -369,7 +376,10 @@ def main() -> None:
               f"({bandwidth['peer_fraction_of_raw']:.2f} of raw); back to back: {bandwidth['peer_pipelined_ms']:.3g} ms "
               f"({bandwidth['peer_pipelined_fraction_of_raw']:.2f} of raw)"
               + (f"; compiled, one call: {bandwidth['peer_compiled_ms']:.3g} ms" if "peer_compiled_ms" in bandwidth
-                 else f"; compiled failed: {bandwidth.get('peer_compiled_error')}"))
+                 else f"; compiled failed: {bandwidth.get('peer_compiled_error')}")
+              + (f"; CUDA graph replay, one call: {bandwidth['peer_graph_ms']:.3g} ms "
+                 f"({bandwidth['raw_there_and_back_ms'] / bandwidth['peer_graph_ms']:.2f} of raw)"
+                 if "peer_graph_ms" in bandwidth else f"; CUDA graph: {bandwidth.get('peer_graph_error', 'n/a')}"))
         print(f"raw all_to_all_single there and back of one row per (token, expert): "
               f"{bandwidth['raw_per_pair_there_and_back_ms']:.3g} ms "
               f"({bandwidth['speedup_vs_raw_per_pair']:.2f}x ours' time)")

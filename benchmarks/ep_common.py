@@ -127,6 +127,21 @@ def time_host_ahead_ms(fn: Callable[[], object], device, warmup: int, iters: int
     return max_over_ranks(start.elapsed_time(end) / iters, device), bool(ahead.item() == 0.0)
 
 
+def cuda_graph(fn: Callable[[], object]):
+    """``(graph, output)``: ``fn`` captured in a CUDA graph after two warm-up calls on a side stream
+    (every rank captures together; collectives inside run only at replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def local_median_ms(fn: Callable[[], object], device, warmup: int, iters: int) -> float:
     """Median milliseconds of ``fn`` on this rank alone (no collective: safe inside try/except)."""
     for _ in range(warmup):

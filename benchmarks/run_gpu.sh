@@ -9,6 +9,7 @@
 #   te     install Transformer Engine from .te/ + .te-parts/ (../shared/tools/te-gpu/prepare.sh) when they are
 #          there and it is not installed yet (about 2 minutes)
 #   tests  python -m pytest -q -x on tests/gpu and tests/*_gpu.py (test_te_gpu.py only when TE imports)
+#   check  moe-ops check --device cuda --dtype bfloat16 (every module x activation x bias against float64)
 #   bench  benchmarks/bench_experts.py, every shape x routing x path
 #   ep     expert parallelism, for each world size N in EP_SIZES (default "2"; the machine needs N GPUs):
 #          torchrun benchmarks/gpu_ep_parity.py --compile-backend inductor, then benchmarks/bench_ep.py --host-costs
@@ -64,7 +65,7 @@ for name in ("triton", "transformer_engine", "matplotlib"):
     except Exception as e:
         print(name, "n/a:", type(e).__name__, e)
 EOF
-  moe-ops info || $PY -m moe_ops.cli info || echo "moe-ops info failed"
+  moe-ops info || $PY -m moe_modules.cli info || echo "moe-ops info failed"
 }
 
 step_te() {
@@ -88,6 +89,10 @@ step_tests() {
   if (( ${#files[@]} == 0 )); then echo "no GPU test files found"; return 0; fi
   echo "pytest on: ${files[*]}"
   $PY -m pytest -q -x -p no:cacheprovider "${files[@]}"
+}
+
+step_check() {
+  $PY -m moe_modules.cli check --device cuda --dtype bfloat16
 }
 
 step_bench() {
@@ -117,12 +122,13 @@ step_plot() {
 }
 
 export PY OUT
-export -f step_env step_te step_tests step_bench step_ep step_plot
+export -f step_env step_te step_tests step_check step_bench step_ep step_plot
 
 want env   && run_step env 60
 want te    && run_step te 200
 want ep    && run_step ep "${EP_CAP_S:-400}"
 want tests && run_step tests 150
+want check && run_step check 90
 want bench && run_step bench 420
 want plot  && run_step plot 60
 

@@ -86,8 +86,8 @@ def op_samples(scenario: str, dtype: torch.dtype, seed: int = 0) -> Iterator[tup
     # Rows from several sources (expert parallelism's peer loads). No autograd formula of their own
     # (the EP transport's ops define it), so their inputs do not require grad.
     sources = [leaf(r, C).detach() for r in (4, T, 2)]
-    index = torch.randint(0, 2, (3, 3), generator=g).to(DEVICE)
-    counts = torch.tensor([3, min(T, 2), 1], device=DEVICE)
+    index = list(torch.randint(0, 2, (3, 3), generator=g).to(DEVICE))
+    counts = [torch.tensor([c], device=DEVICE) for c in (3, min(T, 2), 1)]
     yield "gather_from", ops.gather_from.default, (sources, index, counts)
     row = torch.randint(-1, 2, (T, 3), generator=g).to(DEVICE)
     yield "sum_from", ops.sum_from.default, (sources, row, None)

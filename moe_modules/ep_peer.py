@@ -71,9 +71,6 @@ class _SymmetricMailbox:
             return
         import torch.distributed._symmetric_memory as symm_mem
 
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:
-            enable(self.group_name)
         nbytes = max(nbytes, 2 * self.nbytes)
         buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
         if self.handle is not None:  # kernels queued on the old buffer may still read it: keep it
@@ -164,8 +161,8 @@ def _pull(x: Tensor, meta: Tensor, pos: Tensor, index: Tensor, counts: Tensor,
     wide = [index, counts, x] + ([meta] if meta.shape[1] else [])
     shapes = [(ep, C), (ep,), (C, x.shape[1])] + ([(C, meta.shape[1])] if meta.shape[1] else [])
     views = box.publish(wide, shapes)
-    my_index = torch.stack([v[me] for v in views[0]])
-    my_counts = torch.stack([v[me] for v in views[1]])
+    # Each source's list of its tokens for this rank, and their number, read where they live.
+    my_index, my_counts = [v[me] for v in views[0]], [v[me:me + 1] for v in views[1]]
     rows = moe_ops.gather_from(views[2], my_index, my_counts)
     meta_rows = moe_ops.gather_from(views[3], my_index, my_counts) if meta.shape[1] else meta.new_zeros(ep * C, 0)
     box.release()

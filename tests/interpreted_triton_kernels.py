@@ -235,8 +235,9 @@ def test_gather_from_and_sum_from(dtype):
     gen = torch.Generator().manual_seed(3)
     sources = peer_sources(dtype)
     capacity = 11  # more than a 8-row program block: two blocks per source
-    index = torch.randint(-2, 12, (3, capacity), generator=gen)  # some entries outside their source
-    counts = torch.tensor([4, 0, 11])
+    # One index and count tensor per source; some entries outside their source.
+    index = [torch.randint(-2, 12, (capacity,), generator=gen) for _ in range(3)]
+    counts = [torch.tensor([c]) for c in (4, 0, 11)]
     assert_close(*triton_and_reference("gather_from", sources, index, counts), dtype, "gather_from")
     row = torch.randint(-1, 10, (13, 3), generator=gen)
     for out_dtype in (None, torch.float32):
@@ -245,8 +246,8 @@ def test_gather_from_and_sum_from(dtype):
 
 def test_gather_from_and_sum_from_with_eight_sources():
     sources = peer_sources(torch.float32, rows=(3, 5, 2, 7, 1, 4, 6, 2))
-    index = torch.arange(3 * 8).reshape(8, 3) % 5
-    counts = torch.tensor([3, 2, 1, 0, 3, 3, 2, 1])
+    index = list(torch.arange(3 * 8).reshape(8, 3) % 5)
+    counts = [torch.tensor([c], dtype=torch.int32) for c in (3, 2, 1, 0, 3, 3, 2, 1)]
     assert_close(*triton_and_reference("gather_from", sources, index, counts), torch.float32, "gather_from")
     row = torch.arange(5 * 8).reshape(5, 8) % 4 - 1
     assert_close(*triton_and_reference("sum_from", sources, row, None), torch.float32, "sum_from")

@@ -214,8 +214,7 @@ def clear_tail_(rows, offsets):
 
 
 def gather_from(sources, index, counts):
-    C = index.shape[1]
-    j = torch.arange(C, device=index.device)
+    j = torch.arange(index[0].shape[0], device=index[0].device)
     blocks = [_rows_or_zeros(src, index[s], j < counts[s]) for s, src in enumerate(sources)]
     return torch.cat(blocks).contiguous()
 

@@ -4,8 +4,9 @@ Expert parallelism over GPU peer memory (``moe_modules.ep_peer``) hands these op
 per rank: views of the other GPUs' buffers, which a kernel on this GPU reads directly.  They are
 ordinary tensors to the ops, so the ops are also correct (and tested) on plain local tensors.
 
-* ``gather_from``: ``out[s*C + j] = sources[s][index[s, j]]`` for ``j < counts[s]``, 0 after: the
-  rows each rank asked this rank for, in capacity-padded blocks of ``C`` rows per source.
+* ``gather_from``: ``out[s*C + j] = sources[s][index[s][j]]`` for ``j < counts[s]``, 0 after: the
+  rows each rank asked this rank for, in capacity-padded blocks of ``C`` rows per source.  The
+  index and count of a source are tensors of their own, so they too are read where they live.
 * ``sum_from``: ``y[t] = sum_s sources[s][row[t, s]]`` over the ``s`` with ``0 <= row[t, s]``,
   accumulated in float32 (float64 for float64) in source order: deterministic.
 
@@ -42,11 +43,14 @@ def _validate_sources(sources: list) -> None:
 
 def _validate_gather_from(sources, index, counts) -> None:
     _validate_sources(sources)
-    _checks.tensor("index", index, dim=2, dtypes=(torch.int32, torch.int64))
-    _checks.tensor("counts", counts, dim=1, dtypes=(torch.int32, torch.int64))
-    _checks.size("index", index.shape[0], len(sources), "one row per source (dim 0)")
-    _checks.size("counts", counts.shape[0], len(sources), "one count per source")
-    _checks.same_device(sources=sources[0], index=index, counts=counts)
+    _checks.size("index", len(index), len(sources), "one index tensor per source")
+    _checks.size("counts", len(counts), len(sources), "one count tensor per source")
+    for s, (idx, cnt) in enumerate(zip(index, counts)):
+        _checks.tensor(f"index[{s}]", idx, dim=1, dtypes=(torch.int32, torch.int64))
+        _checks.size(f"index[{s}]", idx.shape[0], index[0].shape[0], "capacity (the length of index[0])")
+        _checks.tensor(f"counts[{s}]", cnt, dim=1, dtypes=(torch.int32, torch.int64))
+        _checks.size(f"counts[{s}]", cnt.shape[0], 1, "one element")
+        _checks.same_device(sources=sources[0], **{f"index[{s}]": idx, f"counts[{s}]": cnt})
 
 
 def _validate_sum_from(sources, row, out_dtype) -> None:
@@ -62,7 +66,7 @@ def _validate_sum_from(sources, row, out_dtype) -> None:
 
 
 @torch.library.custom_op("moe::gather_from", mutates_args=())
-def _gather_from(sources: list[Tensor], index: Tensor, counts: Tensor) -> Tensor:
+def _gather_from(sources: list[Tensor], index: list[Tensor], counts: list[Tensor]) -> Tensor:
     _validate_gather_from(sources, index, counts)
     return registry.call("gather_from", sources, index, counts)
 
@@ -70,16 +74,17 @@ def _gather_from(sources: list[Tensor], index: Tensor, counts: Tensor) -> Tensor
 @_gather_from.register_fake
 def _(sources, index, counts):
     _validate_gather_from(sources, index, counts)
-    return sources[0].new_empty(index.shape[0] * index.shape[1], sources[0].shape[1])
+    return sources[0].new_empty(len(index) * index[0].shape[0], sources[0].shape[1])
 
 
-def gather_from(sources: list[Tensor], index: Tensor, counts: Tensor) -> Tensor:
-    """Rows of several sources into capacity-padded blocks: ``out[s*C + j] = sources[s][index[s, j]]``
+def gather_from(sources: list[Tensor], index: list[Tensor], counts: list[Tensor]) -> Tensor:
+    """Rows of several sources into capacity-padded blocks: ``out[s*C + j] = sources[s][index[s][j]]``
     for ``j < counts[s]``, zero rows after.
 
-    ``sources``: 1 to 8 tensors ``[R_s, D]`` of one dtype (rows may differ); ``index [S, C]`` int
-    (entries past ``counts[s]`` are ignored; the others must be ``< R_s``); ``counts [S]`` int.
-    Returns ``[S*C, D]`` in the sources' dtype.
+    ``sources``: 1 to 8 tensors ``[R_s, D]`` of one dtype (rows may differ); ``index``: one int
+    tensor ``[C]`` per source (entries past its count are ignored; an entry outside ``[0, R_s)``
+    reads nothing); ``counts``: one int tensor ``[1]`` per source.  Returns ``[S*C, D]`` in the
+    sources' dtype.
     """
     return torch.ops.moe.gather_from(sources, index, counts)
 

@@ -153,8 +153,9 @@ def test_row_ops_match_reference(D):
     ]
     # Rows from several sources (expert parallelism's peer loads), here three local tensors.
     sources = [x, rows, x[:100]]
-    index = torch.randint(-1, T, (3, 1000), device=CUDA)
-    cases.append(("gather_from", (sources, index, torch.tensor([1000, 517, 90], device=CUDA))))
+    index = list(torch.randint(-1, T, (3, 1000), device=CUDA))
+    counts = [torch.tensor([c], device=CUDA) for c in (1000, 517, 90)]
+    cases.append(("gather_from", (sources, index, counts)))
     cases.append(("sum_from", (sources, torch.randint(-1, 100, (T, 3), device=CUDA), torch.float32)))
     for kind, limit in (("swiglu", None), ("quick_geglu", 7.0), ("relu2", None)):
         h = torch.randn(M, I if kind == "relu2" else 2 * I, **bf) * 3

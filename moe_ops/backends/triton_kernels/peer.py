@@ -44,7 +44,8 @@ def _source(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
 @triton.jit
 def _gather_from_kernel(
     p0, p1, p2, p3, p4, p5, p6, p7, n0, n1, n2, n3, n4, n5, n6, n7,
-    index_ptr, counts_ptr, out_ptr, C, D,
+    i0, i1, i2, i3, i4, i5, i6, i7, c0, c1, c2, c3, c4, c5, c6, c7,
+    out_ptr, C, D,
     S: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
 ):
     blocks_per_source = tl.cdiv(C, BR)
@@ -53,11 +54,11 @@ def _gather_from_kernel(
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     col_ok = cols < D
     row_ok = j < C
-    take = row_ok & (j < tl.load(counts_ptr + s))
-    idx = tl.load(index_ptr + s.to(tl.int64) * C + j, mask=take, other=0).to(tl.int64)
     val = tl.zeros((BR, BD), dtype=out_ptr.dtype.element_ty)
     for i in tl.static_range(S):
-        if s == i:
+        if s == i:  # this program's source: its rows, index and count (each may be another GPU's)
+            take = row_ok & (j < tl.load(_source(i, c0, c1, c2, c3, c4, c5, c6, c7)))
+            idx = tl.load(_source(i, i0, i1, i2, i3, i4, i5, i6, i7) + j, mask=take, other=0).to(tl.int64)
             ok = take & (idx >= 0) & (idx < _source(i, n0, n1, n2, n3, n4, n5, n6, n7))
             src = _source(i, p0, p1, p2, p3, p4, p5, p6, p7)
             val = tl.load(src + tl.where(ok, idx, 0)[:, None] * D + cols[None, :],
@@ -87,24 +88,27 @@ def _sum_from_kernel(
              mask=token_ok[:, None] & col_ok[None, :])
 
 
+def _eight(tensors: list[Tensor]) -> list[Tensor]:
+    """Eight contiguous tensors (unused slots repeat the first; never read)."""
+    tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    return tensors + [tensors[0]] * (MAX_SOURCES - len(tensors))
+
+
 def _padded(sources: list[Tensor]) -> tuple[list[Tensor], list[int]]:
-    """Eight contiguous sources and their row counts (unused slots repeat the first; never read)."""
-    sources = [s if s.is_contiguous() else s.contiguous() for s in sources]
-    rows = [s.shape[0] for s in sources]
-    pad = MAX_SOURCES - len(sources)
-    return sources + [sources[0]] * pad, rows + [0] * pad
+    """Eight sources and their row counts."""
+    return _eight(sources), [s.shape[0] for s in sources] + [0] * (MAX_SOURCES - len(sources))
 
 
 @C.triton_op("gather_from")
-def gather_from(sources: list[Tensor], index: Tensor, counts: Tensor) -> Tensor:
-    S, Cap = index.shape
+def gather_from(sources: list[Tensor], index: list[Tensor], counts: list[Tensor]) -> Tensor:
+    S, Cap = len(index), index[0].shape[0]
     D = sources[0].shape[1]
     out = sources[0].new_empty(S * Cap, D)
     ptrs, rows = _padded(sources)
     blocks = C.rows_blocks(D)
     C.launch(
         _gather_from_kernel, (S * triton.cdiv(Cap, blocks.m), triton.cdiv(D, blocks.n)),
-        *ptrs, *rows, index.contiguous(), counts.contiguous(), out, Cap, D,
+        *ptrs, *rows, *_eight(index), *_eight(counts), out, Cap, D,
         S=S, BR=blocks.m, BD=blocks.n, **blocks.meta(),
     )
     return out
