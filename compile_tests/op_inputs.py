@@ -92,3 +92,5 @@ def op_samples(scenario: str, dtype: torch.dtype, seed: int = 0) -> Iterator[tup
     row = torch.randint(-1, 2, (T, 3), generator=g).to(DEVICE)
     yield "sum_from", ops.sum_from.default, (sources, row, None)
     yield "sum_from-float32_out", ops.sum_from.default, (sources, row, torch.float32)
+    yield "put_to", ops.put_to.default, (leaf(6, C).detach(), [torch.zeros(2, C, device=DEVICE, dtype=dtype)
+                                                                for _ in range(3)])

@@ -5,23 +5,26 @@ fixed by the capacity ``C`` (at least the tokens of any rank), so nothing is rea
 step can be captured in a CUDA graph, compiles with static shapes, and the host runs ahead of the
 GPU.  It is DeepEP's low-latency layout in spirit: a receiver holds ``C`` rows per source rank.
 
-How tokens move (one host, up to 8 GPUs).  Each rank *publishes* what the others need in a buffer
-of ``torch.distributed``'s symmetric memory (``_symmetric_memory.empty`` + ``rendezvous`` over the
-EP process group), then every rank *pulls* what it needs straight from the other GPUs' buffers
-with one kernel (``moe.gather_from`` / ``moe.sum_from``, loads over NVLink), between two
-``barrier``\\ s of the symmetric memory handle.  Only the token rows a rank needs cross the link,
-and the copy into expert-rank order *is* the transfer: there is no separate gather pass.
+How tokens move (one host, up to 8 GPUs).  Each rank owns a buffer of ``torch.distributed``'s
+symmetric memory (``_symmetric_memory.empty`` + ``rendezvous`` over the EP process group), which
+the other GPUs of the group map; one kernel on this GPU then loads from, or stores to, the others'
+buffers over NVLink (``moe.gather_from`` / ``moe.put_to``), between two barriers of the
+symmetric memory handle.  Only the rows a rank needs cross the link, and the copy into receive
+order *is* the transfer: no send buffer is packed first.
 
-* dispatch (``moe_ep::pull``): rank ``r`` publishes its tokens, its K routing weights and expert
-  ids, and for every destination the list of its tokens going there (``index [ep, C]``, ``counts
-  [ep]``); rank ``d`` pulls, from each source ``s``, rows ``s*C .. s*C + counts_s[d]`` of its
+* dispatch (``moe_ep::dispatch``, a pull): rank ``r`` publishes its tokens, its K routing weights and
+  expert ids, and for every destination the list of its tokens going there (``index [ep, C]``,
+  ``counts [ep]``); rank ``d`` loads, from each source ``s``, rows ``s*C .. s*C + counts_s[d]`` of its
   ``[ep*C, D]`` receive buffer (zero rows after).
-* combine (``moe_ep::pull_sum``): each rank publishes its ``[ep*C, D]`` partial outputs; the home
-  rank sums, per token, the rows of the ranks it was sent to, in rank order, in float32.
+* combine (``moe_ep::combine``, a push): each rank stores block ``s`` of its ``[ep*C, D]`` partial
+  outputs into rank ``s``'s buffer; the home rank sums, per token, the rows of the ranks it was
+  sent to, in rank order, in float32 (``moe.sum_from``, local loads).
 
 Each is the other's adjoint, which is the whole autograd formula.  Off CUDA (gloo, tests) the same
-ops run with an all-gather of the published tensors standing in for the peer loads, so the CPU
-tests exercise the same layout, kernels and gradients.
+ops run with an all-gather (the published tensors) and an all-to-all (the pushed blocks) standing
+in for the peer loads and stores, so the CPU tests exercise the same layout, kernels and gradients.
+The push writes all ``C`` rows of a block, padding included (zeros): about 10% more bytes than
+the rows sent at EP4 with DeepSeek-V3 routing, none at EP2 (every token goes to both ranks).
 
 Memory is the price of static shapes: the receiver's expert block runs on ``ep*C`` rows with K
 slots each (its own tokens' pairs sit among padding), as DeepEP's low-latency buffers do.
@@ -100,13 +103,29 @@ class _SymmetricMailbox:
         return [[self._view(r, shape, t.dtype, offset) for r in range(self.handle.world_size)]
                 for t, shape, offset in zip(tensors, shapes, offsets)]
 
+    def push(self, tensors: list[Tensor]) -> list[list[Tensor]]:
+        """Each tensor is ``[ep*C, W]``: write block ``s`` into rank ``s``'s buffer (the stores cross the
+        link); after a barrier, return this rank's buffer as blocks, block ``r`` written by rank ``r``."""
+        ep, me = self.handle.world_size, self.handle.rank
+        offsets, end = [], 0
+        for t in tensors:
+            offsets.append(end)
+            end += -(-(t.element_size() * t.numel()) // _ALIGN) * _ALIGN
+        self._reserve(end)
+        for t, offset in zip(tensors, offsets):
+            C = t.shape[0] // ep
+            moe_ops.put_to(t, [self._view(s, t.shape, t.dtype, offset)[me * C:(me + 1) * C] for s in range(ep)])
+        self.handle.barrier(channel=0)
+        return [list(self._view(me, t.shape, t.dtype, offset).chunk(ep)) for t, offset in zip(tensors, offsets)]
+
     def release(self) -> None:
         """Every rank has finished reading: the buffers may be written again."""
         self.handle.barrier(channel=0)
 
 
 class _AllGatherMailbox:
-    """The same contract over any process group (gloo on CPU): every rank receives every region."""
+    """The same contract over any process group (gloo on CPU): ``publish`` all-gathers every region,
+    ``push`` is an all-to-all of equal blocks."""
 
     def __init__(self, group):
         self.group = group
@@ -120,6 +139,15 @@ class _AllGatherMailbox:
             dist.all_gather(parts, region, group=self.group)
             views.append(parts)
         return views
+
+    def push(self, tensors: list[Tensor]) -> list[list[Tensor]]:
+        ep = dist.get_world_size(self.group)
+        blocks = []
+        for t in tensors:
+            received = torch.empty_like(t)
+            dist.all_to_all_single(received, t.contiguous(), group=self.group)
+            blocks.append(list(received.chunk(ep)))
+        return blocks
 
     def release(self) -> None:
         pass
@@ -149,11 +177,11 @@ def _rank(group_name: str) -> int:
     return dist.get_rank(dist.distributed_c10d._resolve_process_group(group_name))
 
 
-# ---- moe_ep::pull: the dispatch ----------------------------------------------------------------
+# ---- moe_ep::dispatch ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moe_ep::pull", mutates_args=())
-def _pull(x: Tensor, meta: Tensor, pos: Tensor, index: Tensor, counts: Tensor,
+@torch.library.custom_op("moe_ep::dispatch", mutates_args=())
+def _dispatch(x: Tensor, meta: Tensor, pos: Tensor, index: Tensor, counts: Tensor,
           group_name: str) -> tuple[Tensor, Tensor]:
     ep, C = index.shape
     box = _mailbox(group_name, x.device)
@@ -169,85 +197,80 @@ def _pull(x: Tensor, meta: Tensor, pos: Tensor, index: Tensor, counts: Tensor,
     return rows, meta_rows
 
 
-@_pull.register_fake
+@_dispatch.register_fake
 def _(x, meta, pos, index, counts, group_name):
     ep, C = index.shape
     return x.new_empty(ep * C, x.shape[1]), meta.new_empty(ep * C, meta.shape[1])
 
 
-def _pull_setup(ctx, inputs, output):
+def _dispatch_setup(ctx, inputs, output):
     x, meta, pos, index, counts, group_name = inputs
     ctx.save_for_backward(pos, index, counts)
     ctx.group_name, ctx.dtypes = group_name, (x.dtype, meta.dtype)
 
 
-def _pull_backward(ctx, grad_rows, grad_meta_rows):
+def _dispatch_backward(ctx, grad_rows, grad_meta_rows):
     pos, index, counts = ctx.saved_tensors
     if grad_meta_rows is None:
         grad_meta_rows = grad_rows.new_zeros(grad_rows.shape[0], 0, dtype=ctx.dtypes[1])
-    grad_x, grad_meta = pull_sum(grad_rows, grad_meta_rows, PeerLayout(pos, index, counts), ctx.group_name,
-                                 ctx.dtypes[0])
+    grad_x, grad_meta = combine(grad_rows, grad_meta_rows, PeerLayout(pos, index, counts), ctx.group_name,
+                                ctx.dtypes[0])
     return grad_x, grad_meta.to(ctx.dtypes[1]), None, None, None, None
 
 
-_pull.register_autograd(_pull_backward, setup_context=_pull_setup)
+_dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
 
 
-def pull(x: Tensor, meta: Tensor, layout: PeerLayout, group_name: str) -> tuple[Tensor, Tensor]:
+def dispatch(x: Tensor, meta: Tensor, layout: PeerLayout, group_name: str) -> tuple[Tensor, Tensor]:
     """Dispatch: every rank receives, from each source rank ``s``, the rows ``x_s[index_s[me, j]]``
     (``j < counts_s[me]``) at rows ``s*C + j`` of ``[ep*C, D]`` (zero rows after), and the same rows
     of ``meta [T, M]``."""
-    return torch.ops.moe_ep.pull(x, meta, layout.pos, layout.index, layout.counts, group_name)
+    return torch.ops.moe_ep.dispatch(x, meta, layout.pos, layout.index, layout.counts, group_name)
 
 
-# ---- moe_ep::pull_sum: the combine -------------------------------------------------------------
+# ---- moe_ep::combine ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moe_ep::pull_sum", mutates_args=())
-def _pull_sum(rows: Tensor, meta_rows: Tensor, pos: Tensor, index: Tensor, counts: Tensor, group_name: str,
-              out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
-    ep, C = index.shape
+@torch.library.custom_op("moe_ep::combine", mutates_args=())
+def _combine(rows: Tensor, meta_rows: Tensor, pos: Tensor, index: Tensor, counts: Tensor, group_name: str,
+             out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     box = _mailbox(group_name, rows.device)
-    me = _rank(group_name)
-    wide = [rows] + ([meta_rows] if meta_rows.shape[1] else [])
-    shapes = [(ep * C, rows.shape[1])] + ([(ep * C, meta_rows.shape[1])] if meta_rows.shape[1] else [])
-    views = box.publish(wide, shapes)
-    mine = slice(me * C, (me + 1) * C)  # the block each rank keeps for this rank's tokens
-    y = moe_ops.sum_from([v[mine] for v in views[0]], pos, out_dtype)
-    T = pos.shape[0]
-    y_meta = (moe_ops.sum_from([v[mine] for v in views[1]], pos) if meta_rows.shape[1]
-              else meta_rows.new_zeros(T, 0))
+    blocks = box.push([rows] + ([meta_rows] if meta_rows.shape[1] else []))
+    y = moe_ops.sum_from(blocks[0], pos, out_dtype)
+    y_meta = moe_ops.sum_from(blocks[1], pos) if meta_rows.shape[1] else meta_rows.new_zeros(pos.shape[0], 0)
     box.release()
     return y, y_meta
 
 
-@_pull_sum.register_fake
+@_combine.register_fake
 def _(rows, meta_rows, pos, index, counts, group_name, out_dtype=None):
     T = pos.shape[0]
     return rows.new_empty(T, rows.shape[1], dtype=out_dtype or rows.dtype), meta_rows.new_empty(T, meta_rows.shape[1])
 
 
-def _pull_sum_setup(ctx, inputs, output):
+def _combine_setup(ctx, inputs, output):
     rows, meta_rows, pos, index, counts, group_name, _ = inputs
     ctx.save_for_backward(pos, index, counts)
     ctx.group_name, ctx.dtypes = group_name, (rows.dtype, meta_rows.dtype)
 
 
-def _pull_sum_backward(ctx, grad_y, grad_y_meta):
+def _combine_backward(ctx, grad_y, grad_y_meta):
     pos, index, counts = ctx.saved_tensors
-    grad_rows, grad_meta = pull(grad_y.to(ctx.dtypes[0]), grad_y_meta.to(ctx.dtypes[1]),
-                                PeerLayout(pos, index, counts), ctx.group_name)
+    grad_rows, grad_meta = dispatch(grad_y.to(ctx.dtypes[0]), grad_y_meta.to(ctx.dtypes[1]),
+                                    PeerLayout(pos, index, counts), ctx.group_name)
     return grad_rows, grad_meta, None, None, None, None, None
 
 
-_pull_sum.register_autograd(_pull_sum_backward, setup_context=_pull_sum_setup)
+_combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 
-def pull_sum(rows: Tensor, meta_rows: Tensor, layout: PeerLayout, group_name: str,
-             out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
-    """Combine: ``y[t] = sum_r rows_r[me*C + pos[t, r]]`` over the ranks ``r`` token ``t`` went to,
-    float32, rank order, in ``out_dtype`` (default ``rows.dtype``); the same for ``meta_rows``."""
-    return torch.ops.moe_ep.pull_sum(rows, meta_rows, layout.pos, layout.index, layout.counts, group_name, out_dtype)
+def combine(rows: Tensor, meta_rows: Tensor, layout: PeerLayout, group_name: str,
+            out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """Combine: each rank writes block ``s`` of its ``rows [ep*C, D]`` (the rows it received from rank
+    ``s``, processed) into rank ``s``'s buffer; then ``y[t] = sum_r block_r[pos[t, r]]`` over the ranks
+    ``r`` token ``t`` went to, float32, rank order, in ``out_dtype`` (default ``rows.dtype``); the same
+    for ``meta_rows``."""
+    return torch.ops.moe_ep.combine(rows, meta_rows, layout.pos, layout.index, layout.counts, group_name, out_dtype)
 
 
 # ---- the dispatcher ----------------------------------------------------------------------------
@@ -317,7 +340,7 @@ class PeerDispatcher:
         meta_dtype = torch.float64 if weights.dtype == torch.float64 else torch.float32  # ids < 2^24: exact
         # Expert ids travel as id + 1 so that the zero padding rows read as "no expert".
         meta = torch.cat([weights.to(meta_dtype), torch.where(routed, idx + 1, 0).to(meta_dtype)], 1)
-        rows, meta_rows = pull(x, meta, layout, self.group_name)
+        rows, meta_rows = dispatch(x, meta, layout, self.group_name)
         probs = meta_rows[:, :K].to(weights.dtype)
         local = meta_rows[:, K:].long() - 1 - self.rank * self.experts_per_rank
         local = torch.where((local >= 0) & (local < self.experts_per_rank), local, -1)
@@ -325,8 +348,8 @@ class PeerDispatcher:
 
     def combine(self, partial_rows: Tensor, received: Received, out_dtype: torch.dtype) -> Tensor:
         """Sum each token's partial rows from the ranks it went to (float32, rank order) -> ``[T, D]``."""
-        y, _ = pull_sum(partial_rows, partial_rows.new_zeros(partial_rows.shape[0], 0), received.layout,
-                        self.group_name, out_dtype)
+        y, _ = combine(partial_rows, partial_rows.new_zeros(partial_rows.shape[0], 0), received.layout,
+                       self.group_name, out_dtype)
         return y
 
     def run(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,

@@ -11,7 +11,7 @@ from moe_ops.ops.grouped_mm import clear_tail_, grouped_mm, grouped_mm_wgrad
 from moe_ops.ops.bias import add_expert_bias, expert_bias_backward
 from moe_ops.ops.activation import GATED, activation, activation_backward, check_activation
 from moe_ops.ops.fused import expert_down, expert_down_backward, expert_up, expert_up_backward
-from moe_ops.ops.peer import gather_from, sum_from
+from moe_ops.ops.peer import gather_from, put_to, sum_from
 from moe_ops import backends as _backends  # noqa: F401  (registers the backends)
 from moe_ops.registry import NoBackendError, set_backend, use_backend
 
@@ -33,6 +33,7 @@ __all__ = [
     "expert_down_backward",
     "gather_from",
     "sum_from",
+    "put_to",
     "GATED",
     "check_activation",
     "NoBackendError",

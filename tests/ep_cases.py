@@ -265,9 +265,9 @@ def opcheck_peer_ops(mesh, rank: int, world_size: int) -> dict:
     T, N = layout.pos.shape[0], world_size * PEER_CAPACITY
     tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     samples = {
-        "pull": (torch.ops.moe_ep.pull.default,
+        "dispatch": (torch.ops.moe_ep.dispatch.default,
                  (inputs["x"][mine].clone().requires_grad_(), torch.randn(T, 2, requires_grad=True), *layout, group)),
-        "pull_sum": (torch.ops.moe_ep.pull_sum.default,
+        "combine": (torch.ops.moe_ep.combine.default,
                      (torch.randn(N, DIM, requires_grad=True), torch.randn(N, 2, requires_grad=True), *layout, group,
                       None)),
     }

@@ -244,6 +244,17 @@ def test_gather_from_and_sum_from(dtype):
         assert_close(*triton_and_reference("sum_from", sources, row, out_dtype), dtype, f"sum_from {out_dtype}")
 
 
+@pytest.mark.parametrize("dests", [3, 8])
+def test_put_to(dests):
+    """Each block of rows into its own destination, in place (blocks of 11 rows: two program blocks)."""
+    rows = randn(dests * 11, D)
+    got = [torch.full((11, D), float("nan")) for _ in range(dests)]
+    with use_backend(put_to="triton"):
+        moe_ops.put_to(rows, got)
+    for s, dest in enumerate(got):
+        assert torch.equal(dest, rows[s * 11:(s + 1) * 11])
+
+
 def test_gather_from_and_sum_from_with_eight_sources():
     sources = peer_sources(torch.float32, rows=(3, 5, 2, 7, 1, 4, 6, 2))
     index = list(torch.arange(3 * 8).reshape(8, 3) % 5)

@@ -187,13 +187,13 @@ def test_apply_ep_rejects_indivisible_experts_and_double_sharding(ep_run):
 
 
 def test_peer_dispatch_ops_pass_opcheck(ep_run):
-    """moe_ep::pull / moe_ep::pull_sum: schema, autograd registration, fake tensors, AOT dispatch."""
+    """moe_ep::dispatch / moe_ep::combine: schema, autograd registration, fake tensors, AOT dispatch."""
     _, ranks = ep_run
     for rank, results in enumerate(ranks):
         outcomes = results["peer_opcheck"]
-        assert set(outcomes) == {"pull", "pull_sum"}
+        assert set(outcomes) == {"dispatch", "combine"}
         failures = {(op, test): o for op, tests in outcomes.items() for test, o in tests.items() if o != "SUCCESS"}
-        assert len(outcomes["pull"]) == 4 and not failures, f"rank {rank}: {failures}"
+        assert len(outcomes["dispatch"]) == 4 and not failures, f"rank {rank}: {failures}"
 
 
 def run_torchrun(script: str, args: list[str], nproc: int, out_dir: Path, deadline_s: float) -> str:

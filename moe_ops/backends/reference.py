@@ -219,6 +219,11 @@ def gather_from(sources, index, counts):
     return torch.cat(blocks).contiguous()
 
 
+def put_to(rows, dests):
+    for block, dest in zip(rows.split(dests[0].shape[0]), dests):
+        dest.copy_(block)
+
+
 def sum_from(sources, row, out_dtype):
     acc = torch.zeros(row.shape[0], sources[0].shape[1], dtype=_acc(sources[0].dtype), device=row.device)
     for s, src in enumerate(sources):
@@ -245,6 +250,7 @@ KERNELS = {
     "clear_tail_": clear_tail_,
     "gather_from": gather_from,
     "sum_from": sum_from,
+    "put_to": put_to,
     **_FUSED,
 }
 

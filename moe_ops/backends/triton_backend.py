@@ -32,7 +32,7 @@ OPS = (
     "route", "gather", "combine", "pair_dot", "grouped_mm", "grouped_mm_wgrad", "add_expert_bias",
     "expert_bias_backward", "activation", "activation_backward",
     "expert_up", "expert_up_backward", "expert_down", "expert_down_backward", "gather_from", "sum_from",
-    "clear_tail_",
+    "put_to", "clear_tail_",
 )
 
 

@@ -1,4 +1,5 @@
-"""moe::gather_from, moe::sum_from — rows read from several source tensors (other ranks' buffers).
+"""moe::gather_from, moe::sum_from, moe::put_to — rows read from, or written to, several tensors
+(other ranks' buffers).
 
 Expert parallelism over GPU peer memory (``moe_modules.ep_peer``) hands these ops one source tensor
 per rank: views of the other GPUs' buffers, which a kernel on this GPU reads directly.  They are
@@ -9,6 +10,8 @@ ordinary tensors to the ops, so the ops are also correct (and tested) on plain l
   index and count of a source are tensors of their own, so they too are read where they live.
 * ``sum_from``: ``y[t] = sum_s sources[s][row[t, s]]`` over the ``s`` with ``0 <= row[t, s]``,
   accumulated in float32 (float64 for float64) in source order: deterministic.
+* ``put_to`` (in place): ``dests[s][j] = rows[s*C + j]``: each block of rows written to its own
+  destination (another GPU's buffer: the stores cross the link, no copy is made first).
 
 Counts and rows are device tensors (no host sync).  No autograd formula: the expert-parallel
 transport that calls them defines the gradients (each op is the other's adjoint there); their
@@ -24,7 +27,7 @@ from torch import Tensor
 
 from moe_ops import _checks, registry
 
-for _op in ("gather_from", "sum_from"):
+for _op in ("gather_from", "sum_from", "put_to"):
     registry.register_op(_op)
 
 MAX_SOURCES = 8  # one GPU host; the Triton kernels take each source as its own pointer argument
@@ -113,3 +116,36 @@ def sum_from(sources: list[Tensor], row: Tensor, out_dtype: Optional[torch.dtype
     (float64 for float64) in source order and rounded once; a token with no row gets zeros.
     """
     return torch.ops.moe.sum_from(sources, row, out_dtype)
+
+
+# ---- put_to ---------------------------------------------------------------------------
+
+
+def _validate_put_to(rows, dests) -> None:
+    _validate_sources(dests)
+    _checks.tensor("rows", rows, dim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.same_dtype("rows", rows, "dests[0]", dests[0])
+    C = dests[0].shape[0]
+    for s, dest in enumerate(dests):
+        _checks.size(f"dests[{s}]", dest.shape[0], C, "rows (dim 0 of dests[0])")
+    _checks.size("rows", rows.shape[0], len(dests) * C, "one block of C rows per destination")
+    _checks.size("rows", rows.shape[1], dests[0].shape[1], "row width (dim 1 of dests[0])")
+    _checks.same_device(rows=rows, dests=dests[0])
+
+
+@torch.library.custom_op("moe::put_to", mutates_args=("dests",))
+def _put_to(rows: Tensor, dests: list[Tensor]) -> None:
+    _validate_put_to(rows, dests)
+    registry.call("put_to", rows, dests)
+
+
+@_put_to.register_fake
+def _(rows, dests):
+    _validate_put_to(rows, dests)
+
+
+def put_to(rows: Tensor, dests: list[Tensor]) -> None:
+    """Write block ``s`` of ``rows [S*C, D]`` into ``dests[s] [C, D]``, in place, for every ``s``.
+
+    ``dests``: 1 to 8 tensors of one shape and dtype, typically views of other GPUs' buffers."""
+    torch.ops.moe.put_to(rows, dests)

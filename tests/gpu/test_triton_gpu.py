@@ -157,6 +157,10 @@ def test_row_ops_match_reference(D):
     counts = [torch.tensor([c], device=CUDA) for c in (1000, 517, 90)]
     cases.append(("gather_from", (sources, index, counts)))
     cases.append(("sum_from", (sources, torch.randint(-1, 100, (T, 3), device=CUDA), torch.float32)))
+    dests = [torch.full((1000, D), float("nan"), **bf) for _ in range(3)]
+    with use_backend(put_to="triton"):
+        moe_ops.put_to(rows[:3000], dests)
+    assert all(torch.equal(d, rows[s * 1000:(s + 1) * 1000]) for s, d in enumerate(dests)), "put_to"
     for kind, limit in (("swiglu", None), ("quick_geglu", 7.0), ("relu2", None)):
         h = torch.randn(M, I if kind == "relu2" else 2 * I, **bf) * 3
         cases.append(("activation", (h, p, kind, 1.702, limit, 1.0)))

@@ -1,5 +1,5 @@
-"""gather_from / sum_from: rows read from up to eight source tensors (other GPUs' buffers under
-expert parallelism, which these loads read over NVLink).
+"""gather_from / sum_from / put_to: rows read from, or written to, up to eight tensors (other GPUs'
+buffers under expert parallelism, which these loads and stores reach over NVLink).
 
 Each source is its own pointer argument; ``_source`` picks one by a compile-time index, so a
 kernel holds one copy of its loop body per source.  ``gather_from`` programs each own a block of
@@ -88,6 +88,23 @@ def _sum_from_kernel(
              mask=token_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _put_to_kernel(
+    rows_ptr, d0, d1, d2, d3, d4, d5, d6, d7, C, D,
+    S: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+):
+    blocks_per_dest = tl.cdiv(C, BR)
+    s = tl.program_id(0) // blocks_per_dest
+    j = (tl.program_id(0) % blocks_per_dest) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = (j < C)[:, None] & (cols < D)[None, :]
+    offs = j.to(tl.int64)[:, None] * D + cols[None, :]
+    val = tl.load(rows_ptr + s.to(tl.int64) * C * D + offs, mask=mask)
+    for i in tl.static_range(S):
+        if s == i:
+            tl.store(_source(i, d0, d1, d2, d3, d4, d5, d6, d7) + offs, val, mask=mask)
+
+
 def _eight(tensors: list[Tensor]) -> list[Tensor]:
     """Eight contiguous tensors (unused slots repeat the first; never read)."""
     tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
@@ -127,3 +144,15 @@ def sum_from(sources: list[Tensor], row: Tensor, out_dtype: Optional[torch.dtype
         S=S, BT=blocks.m, BD=blocks.n, **blocks.meta(),
     )
     return y
+
+
+@C.triton_op("put_to", mutates_args={"dests"})
+def put_to(rows: Tensor, dests: list[Tensor]) -> None:
+    S, Cap, D = len(dests), dests[0].shape[0], dests[0].shape[1]
+    assert all(d.is_contiguous() for d in dests), "put_to writes contiguous destinations"
+    blocks = C.rows_blocks(D)
+    C.launch(
+        _put_to_kernel, (S * triton.cdiv(Cap, blocks.m), triton.cdiv(D, blocks.n)),
+        rows.contiguous(), *_eight(dests), Cap, D,
+        S=S, BR=blocks.m, BD=blocks.n, **blocks.meta(),
+    )
