@@ -1,7 +1,7 @@
 """Chart of bench_ep.py runs: dispatch+combine time against raw all-to-alls, and the EP layer against one GPU.
 
-    python benchmarks/plot_ep.py benchmarks/results/bench_ep_h200x2.json benchmarks/results/bench_ep_h200x4.json \
-        --out benchmarks/results/bench_ep_h200.png
+    python benchmarks/plot_ep.py benchmarks/results/bench_ep_peer_h200x2.json \
+        benchmarks/results/bench_ep_peer_h200x4.json --out benchmarks/results/bench_ep_peer_h200.png
 
 Needs only the JSON files and matplotlib, so it also runs on a machine without a GPU.
 """
@@ -12,12 +12,16 @@ import argparse
 import json
 from pathlib import Path
 
-# (key in "dispatch_combine", label): ours, then the raw all-to-alls it is measured against.
+# (key in "dispatch_combine", label): ours, then the raw all-to-alls it is measured against.  Bars a
+# report lacks (runs from before the peer-memory dispatch existed) are drawn as 0.
 TRANSFER_BARS = (
-    ("ours_dispatch_combine_ms", "ours, eager, one call"),
-    ("ours_pipelined_ms", "ours, eager, back to back"),
-    ("ours_compiled_pipelined_ms", "ours, compiled, back to back"),
-    ("raw_there_and_back_ms", "raw all_to_all_single, same rows"),
+    ("ours_dispatch_combine_ms", "all-to-all (exact splits), eager, one call"),
+    ("ours_compiled_pipelined_ms", "all-to-all (exact splits), compiled, back to back"),
+    ("peer_dispatch_combine_host_ahead_ms", "peer memory, eager, host ahead"),
+    ("peer_compiled_host_ahead_ms", "peer memory, compiled, host ahead"),
+    ("peer_graph_ms", "peer memory, CUDA graph, one call"),
+    ("raw_there_and_back_host_ahead_ms", "raw all_to_all_single, same rows, host ahead"),
+    ("raw_there_and_back_ms", "raw all_to_all_single, same rows, one call"),
     ("raw_per_pair_there_and_back_ms", "raw all_to_all_single, one row per (token, expert)"),
 )
 
@@ -43,7 +47,8 @@ def _single_gpu_ms(report: dict) -> float:
 
 LAYER_BARS = (("GroupedExperts_ep_ms", "GroupedExperts (all-gather)"),
               ("GroupedExpertsDeepEP_ep_ms", "GroupedExpertsDeepEP (all-to-all, float32 partials)"),
-              ("GroupedExpertsDeepEP_bf16_partials_ep_ms", "GroupedExpertsDeepEP (all-to-all, bf16 partials)"))
+              ("GroupedExpertsDeepEP_bf16_partials_ep_ms", "GroupedExpertsDeepEP (all-to-all, bf16 partials)"),
+              ("GroupedExpertsDeepEP_peer_ep_ms", "GroupedExpertsDeepEP (peer memory, float32 partials)"))
 
 
 def plot(reports: list[dict], out: Path) -> Path:
@@ -54,7 +59,7 @@ def plot(reports: list[dict], out: Path) -> Path:
 
     reports = sorted(reports, key=lambda r: r["env"]["world_size"])
     sizes = [f"EP x{r['env']['world_size']}" for r in reports]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(16, 6))
     _grouped_bars(left, sizes, [(label, [r["dispatch_combine"].get(key, 0.0) for r in reports])
                                 for key, label in TRANSFER_BARS],
                   "%.2f", "ms (forward dispatch + combine)",

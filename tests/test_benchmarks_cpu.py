@@ -167,7 +167,7 @@ def test_run_gpu_script_goes_on_after_a_failing_step(tmp_path):
 
 def test_plot_ep_from_the_recorded_runs(tmp_path):
     pytest.importorskip("matplotlib", reason="needs matplotlib (pip install 'moe-ops[bench]')")
-    reports = sorted((ROOT / "benchmarks" / "results").glob("bench_ep_h100x[0-9].json"))
+    reports = sorted((ROOT / "benchmarks" / "results").glob("bench_ep_peer_h200x[0-9].json"))
     assert len(reports) == 2, reports
     png = tmp_path / "ep.png"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "plot_ep.py"), *map(str, reports), "--out", str(png)]
