@@ -40,6 +40,7 @@ from torch import Tensor
 
 import moe_ops
 from moe_modules import _ep_comm as comm
+from moe_ops import _checks
 from moe_modules.expert_block import Activation, run_local_experts
 from moe_ops.ops.peer import MAX_SOURCES
 
@@ -180,9 +181,26 @@ def _rank(group_name: str) -> int:
 # ---- moe_ep::dispatch ---------------------------------------------------------------------------
 
 
+def _check_layout(rows_name: str, rows: Tensor, meta: Tensor, pos: Tensor, index: Tensor, counts: Tensor,
+                  rows_expected: int) -> None:
+    """The layout tensors agree with each other and with ``rows`` (``rows_expected`` rows)."""
+    _checks.tensor("index", index, dim=2, dtypes=(torch.int64,))
+    ep, C = index.shape
+    _checks.tensor("counts", counts, dim=1, dtypes=(torch.int64,))
+    _checks.size("counts", counts.shape[0], ep, "one count per rank (dim 0 of index)")
+    _checks.tensor("pos", pos, dim=2, dtypes=(torch.int64,))
+    _checks.size("pos", pos.shape[1], ep, "one column per rank (dim 0 of index)")
+    _checks.between("pos", pos.shape[0], 0, C, "a token count at most the capacity (dim 1 of index)")
+    _checks.tensor(rows_name, rows, dim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.size(rows_name, rows.shape[0], rows_expected, "rows")
+    _checks.tensor("meta", meta, dim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.size("meta", meta.shape[0], rows_expected, "rows")
+
+
 @torch.library.custom_op("moe_ep::dispatch", mutates_args=())
 def _dispatch(x: Tensor, meta: Tensor, pos: Tensor, index: Tensor, counts: Tensor,
-          group_name: str) -> tuple[Tensor, Tensor]:
+              group_name: str) -> tuple[Tensor, Tensor]:
+    _check_layout("x", x, meta, pos, index, counts, pos.shape[0])
     ep, C = index.shape
     box = _mailbox(group_name, x.device)
     me = _rank(group_name)
@@ -199,6 +217,7 @@ def _dispatch(x: Tensor, meta: Tensor, pos: Tensor, index: Tensor, counts: Tenso
 
 @_dispatch.register_fake
 def _(x, meta, pos, index, counts, group_name):
+    _check_layout("x", x, meta, pos, index, counts, pos.shape[0])
     ep, C = index.shape
     return x.new_empty(ep * C, x.shape[1]), meta.new_empty(ep * C, meta.shape[1])
 
@@ -234,6 +253,7 @@ def dispatch(x: Tensor, meta: Tensor, layout: PeerLayout, group_name: str) -> tu
 @torch.library.custom_op("moe_ep::combine", mutates_args=())
 def _combine(rows: Tensor, meta_rows: Tensor, pos: Tensor, index: Tensor, counts: Tensor, group_name: str,
              out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    _check_layout("rows", rows, meta_rows, pos, index, counts, index.shape[0] * index.shape[1])
     box = _mailbox(group_name, rows.device)
     blocks = box.push([rows] + ([meta_rows] if meta_rows.shape[1] else []))
     y = moe_ops.sum_from(blocks[0], pos, out_dtype)
@@ -244,6 +264,7 @@ def _combine(rows: Tensor, meta_rows: Tensor, pos: Tensor, index: Tensor, counts
 
 @_combine.register_fake
 def _(rows, meta_rows, pos, index, counts, group_name, out_dtype=None):
+    _check_layout("rows", rows, meta_rows, pos, index, counts, index.shape[0] * index.shape[1])
     T = pos.shape[0]
     return rows.new_empty(T, rows.shape[1], dtype=out_dtype or rows.dtype), meta_rows.new_empty(T, meta_rows.shape[1])
 
