@@ -32,6 +32,7 @@ slots each (its own tokens' pairs sit among padding), as DeepEP's low-latency bu
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -95,7 +96,7 @@ class _SymmetricMailbox:
         offsets, end = [], 0
         for t, shape in zip(tensors, shapes):
             offsets.append(end)
-            end += -(-(t.element_size() * _numel(shape)) // _ALIGN) * _ALIGN
+            end += -(-(t.element_size() * math.prod(shape)) // _ALIGN) * _ALIGN
         self._reserve(end)
         for t, shape, offset in zip(tensors, shapes, offsets):
             if t.numel():
@@ -152,13 +153,6 @@ class _AllGatherMailbox:
 
     def release(self) -> None:
         pass
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 _MAILBOXES: dict = {}
