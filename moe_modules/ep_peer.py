@@ -2,8 +2,9 @@
 
 ``apply_ep(module, ep_mesh, max_tokens_per_rank=C)`` selects it.  Every buffer has a static shape
 fixed by the capacity ``C`` (at least the tokens of any rank), so nothing is read on the host: the
-step can be captured in a CUDA graph, compiles with static shapes, and the host runs ahead of the
-GPU.  It is DeepEP's low-latency layout in spirit: a receiver holds ``C`` rows per source rank.
+host runs ahead of the GPU, the step compiles with static shapes, and the forward replays from a
+CUDA graph (``benchmarks/gpu_ep_parity.py`` checks it; capturing the backward is untested).
+It is DeepEP's low-latency layout in spirit: a receiver holds ``C`` rows per source rank.
 
 How tokens move (one host, up to 8 GPUs).  Each rank owns a buffer of ``torch.distributed``'s
 symmetric memory (``_symmetric_memory.empty`` + ``rendezvous`` over the EP process group), which

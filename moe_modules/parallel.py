@@ -35,8 +35,8 @@ def apply_ep(module: nn.Module, ep_mesh, *, reduce_dtype: Optional[torch.dtype] 
     ``max_tokens_per_rank`` (``GroupedExpertsDeepEP`` only): ``None`` moves tokens by all-to-all with
     exact split sizes (one host read of the counts per forward).  An int ``C`` (at least the tokens
     of any rank in any call) selects the static-shape dispatch through GPU peer memory of
-    :mod:`moe_modules.ep_peer`: no host sync, CUDA-graph-able, one host of at most 8 GPUs; each
-    receiver holds ``ep_size * C`` rows.
+    :mod:`moe_modules.ep_peer`: no host sync (the forward replays from a CUDA graph), one host of at
+    most 8 GPUs; each receiver holds ``ep_size * C`` rows.
     """
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
