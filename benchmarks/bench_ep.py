@@ -209,12 +209,12 @@ def bench_peer(args, mesh, device, inputs: tuple, baselines: dict) -> dict:
     return timings
 
 
-# (result name, module, apply_ep's keyword arguments): the defaults, the all-to-all module sending its
+# (result name, module, apply_ep's keyword arguments for these args): the defaults, the all-to-all module sending its
 # partial outputs home in bf16 (DeepEP's choice: half the combine bytes), and the peer-memory dispatch.
-EP_LAYERS = (("GroupedExperts", GroupedExperts, {}),
-             ("GroupedExpertsDeepEP", GroupedExpertsDeepEP, {}),
-             ("GroupedExpertsDeepEP_bf16_partials", GroupedExpertsDeepEP, {"reduce_dtype": None}),
-             ("GroupedExpertsDeepEP_peer", GroupedExpertsDeepEP, {"max_tokens_per_rank": None}))
+EP_LAYERS = (("GroupedExperts", GroupedExperts, lambda args: {}),
+             ("GroupedExpertsDeepEP", GroupedExpertsDeepEP, lambda args: {}),
+             ("GroupedExpertsDeepEP_bf16_partials", GroupedExpertsDeepEP, lambda args: {"reduce_dtype": None}),
+             ("GroupedExpertsDeepEP_peer", GroupedExpertsDeepEP, lambda args: {"max_tokens_per_rank": args.tokens}))
 
 
 def layer_step(module, inp: dict):
@@ -320,9 +320,7 @@ def bench_layers(args, mesh, device, rank: int, world_size: int) -> dict:
     mine = ep_common.routed_tokens(args.tokens, args.experts, args.topk, args.dim, torch.bfloat16, device,
                                    seed=2000 + rank)
     for name, cls, ep_kwargs in EP_LAYERS:
-        if "max_tokens_per_rank" in ep_kwargs:
-            ep_kwargs = {"max_tokens_per_rank": args.tokens}
-        module = apply_ep(build(cls, cfg, device), mesh, **ep_kwargs)
+        module = apply_ep(build(cls, cfg, device), mesh, **ep_kwargs(args))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the step's peak, not the full-size build's
         results[f"{name}_ep_ms"] = ep_common.time_ms(layer_step(module, mine), device, args.warmup, args.iters)

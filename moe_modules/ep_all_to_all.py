@@ -51,7 +51,25 @@ class Dispatched(NamedTuple):
     recv_splits: list  # rows received from each rank (host ints)
 
 
-def _metadata_dtype(weights: Tensor) -> torch.dtype:
+def experts_per_rank(ep_mesh, n_routed_experts: int) -> int:
+    """``E / ep_size``; a clear error when the experts do not divide over the EP group."""
+    ep_size = ep_mesh.size()
+    if n_routed_experts % ep_size:
+        raise ValueError(
+            f"ep_mesh: n_routed_experts={n_routed_experts} must be divisible by the EP size, got ep_size={ep_size}"
+        )
+    return n_routed_experts // ep_size
+
+
+def slot_on_rank(token_mask: Tensor, indices: Tensor, num_experts: int, experts_per_rank: int, ep: int) -> Tensor:
+    """``[T, K, ep]`` bool: slot ``k`` of token ``t`` is routed (unmasked, in range) to an expert of rank ``r``."""
+    idx = indices.long()
+    valid = token_mask.unsqueeze(1) & (idx >= 0) & (idx < num_experts)
+    owner_TK = torch.where(valid, idx // experts_per_rank, ep)
+    return owner_TK.unsqueeze(-1) == torch.arange(ep, device=indices.device)
+
+
+def metadata_dtype(weights: Tensor) -> torch.dtype:
     # Local expert ids (< 2^24) are exact in float32, and so is a bfloat16 / float16 weight.
     return torch.float64 if weights.dtype == torch.float64 else torch.float32
 
@@ -60,15 +78,10 @@ class AllToAllDispatcher:
     """Token dispatch and combine of :class:`~moe_modules.GroupedExpertsDeepEP` over a 1-D EP mesh."""
 
     def __init__(self, ep_mesh, n_routed_experts: int):
-        ep_size = ep_mesh.size()
-        if n_routed_experts % ep_size:
-            raise ValueError(
-                f"ep_mesh: n_routed_experts={n_routed_experts} must be divisible by the EP size, got ep_size={ep_size}"
-            )
+        self.experts_per_rank = experts_per_rank(ep_mesh, n_routed_experts)
         self.ep_mesh = ep_mesh
-        self.ep_size = ep_size
+        self.ep_size = ep_mesh.size()
         self.num_experts = n_routed_experts
-        self.experts_per_rank = n_routed_experts // ep_size
 
     def _send_layout(self, token_mask: Tensor, indices: Tensor):
         """Where each (token, destination rank) pair goes in the send buffer: by rank, tokens in order
@@ -82,11 +95,8 @@ class AllToAllDispatcher:
         fails to generate CUDA code for the prefix sum.  Both give the same layout."""
         T, K = indices.shape
         ep = self.ep_size
-        idx = indices.long()
-        valid = token_mask.unsqueeze(1) & (idx >= 0) & (idx < self.num_experts)
-        owner_TK = torch.where(valid, idx // self.experts_per_rank, ep)
         ranks = torch.arange(ep, device=indices.device)
-        on_rank_TKR = owner_TK.unsqueeze(-1) == ranks
+        on_rank_TKR = slot_on_rank(token_mask, indices, self.num_experts, self.experts_per_rank, ep)
         hits_TR = on_rank_TKR.any(1)
         pairs_per_rank = on_rank_TKR.sum((0, 1))
         if torch.compiler.is_compiling():
@@ -114,7 +124,7 @@ class AllToAllDispatcher:
         token_of_row, dest_of_row = pair_of_row // ep, pair_of_row % ep
         local = indices.long().index_select(0, token_of_row) - (dest_of_row * self.experts_per_rank).unsqueeze(1)
         local = torch.where((local >= 0) & (local < self.experts_per_rank), local, -1)
-        meta_dtype = _metadata_dtype(weights)
+        meta_dtype = metadata_dtype(weights)
         meta_all = torch.cat([weights.index_select(0, token_of_row).to(meta_dtype), local.to(meta_dtype)], 1)
 
         # Counts first: [rows, pairs] per destination; every rank learns what it will receive.

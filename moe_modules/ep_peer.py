@@ -42,8 +42,9 @@ from torch import Tensor
 
 import moe_ops
 from moe_modules import _ep_comm as comm
-from moe_ops import _checks
+from moe_modules.ep_all_to_all import metadata_dtype, experts_per_rank, slot_on_rank
 from moe_modules.expert_block import Activation, run_local_experts
+from moe_ops import _checks
 from moe_ops.ops.peer import MAX_SOURCES
 
 MAX_EP = MAX_SOURCES
@@ -62,13 +63,23 @@ class PeerLayout(NamedTuple):
 # ---- the mailboxes: publish tensors, read the other ranks' ---------------------------------
 
 
+def _regions(nbytes: list[int]) -> tuple[list[int], int]:
+    """Byte offsets of consecutive regions of these sizes, each aligned to ``_ALIGN``, and the total."""
+    offsets, end = [], 0
+    for n in nbytes:
+        offsets.append(end)
+        end += -(-n // _ALIGN) * _ALIGN
+    return offsets, end
+
+
 class _SymmetricMailbox:
     """One symmetric-memory buffer per EP group and device, grown (collectively) when a call needs more.
 
     Every rank publishes tensors of the same shapes in the same order, so the regions line up."""
 
-    def __init__(self, group_name: str, device: torch.device):
-        self.group_name, self.device = group_name, device
+    def __init__(self, group, device: torch.device):
+        self.group_name, self.device = group.group_name, device
+        self.rank, self.world_size = dist.get_rank(group), group.size()  # known before the first rendezvous
         self.handle, self.nbytes, self.retired = None, 0, []
         self.views: dict = {}
 
@@ -94,26 +105,20 @@ class _SymmetricMailbox:
     def publish(self, tensors: list[Tensor], shapes: list[tuple]) -> list[list[Tensor]]:
         """Copy each tensor into the first rows of a region of ``shapes[i]``; after a barrier, return
         every rank's regions (``views[i][rank]``)."""
-        offsets, end = [], 0
-        for t, shape in zip(tensors, shapes):
-            offsets.append(end)
-            end += -(-(t.element_size() * math.prod(shape)) // _ALIGN) * _ALIGN
+        offsets, end = _regions([t.element_size() * math.prod(shape) for t, shape in zip(tensors, shapes)])
         self._reserve(end)
         for t, shape, offset in zip(tensors, shapes, offsets):
             if t.numel():
-                self._view(self.handle.rank, shape, t.dtype, offset)[:t.shape[0]].copy_(t)
+                self._view(self.rank, shape, t.dtype, offset)[:t.shape[0]].copy_(t)
         self.handle.barrier(channel=0)
-        return [[self._view(r, shape, t.dtype, offset) for r in range(self.handle.world_size)]
+        return [[self._view(r, shape, t.dtype, offset) for r in range(self.world_size)]
                 for t, shape, offset in zip(tensors, shapes, offsets)]
 
     def push(self, tensors: list[Tensor]) -> list[list[Tensor]]:
         """Each tensor is ``[ep*C, W]``: write block ``s`` into rank ``s``'s buffer (the stores cross the
         link); after a barrier, return this rank's buffer as blocks, block ``r`` written by rank ``r``."""
-        ep, me = self.handle.world_size, self.handle.rank
-        offsets, end = [], 0
-        for t in tensors:
-            offsets.append(end)
-            end += -(-(t.element_size() * t.numel()) // _ALIGN) * _ALIGN
+        ep, me = self.world_size, self.rank
+        offsets, end = _regions([t.element_size() * t.numel() for t in tensors])
         self._reserve(end)
         for t, offset in zip(tensors, offsets):
             C = t.shape[0] // ep
@@ -132,19 +137,20 @@ class _AllGatherMailbox:
 
     def __init__(self, group):
         self.group = group
+        self.rank, self.world_size = dist.get_rank(group), group.size()
 
     def publish(self, tensors: list[Tensor], shapes: list[tuple]) -> list[list[Tensor]]:
         views = []
         for t, shape in zip(tensors, shapes):
             region = t.new_zeros(shape)
             region[:t.shape[0]] = t
-            parts = [torch.empty_like(region) for _ in range(dist.get_world_size(self.group))]
+            parts = [torch.empty_like(region) for _ in range(self.world_size)]
             dist.all_gather(parts, region, group=self.group)
             views.append(parts)
         return views
 
     def push(self, tensors: list[Tensor]) -> list[list[Tensor]]:
-        ep = dist.get_world_size(self.group)
+        ep = self.world_size
         blocks = []
         for t in tensors:
             received = torch.empty_like(t)
@@ -164,13 +170,9 @@ def _mailbox(group_name: str, device: torch.device):
     box = _MAILBOXES.get(key)
     if box is None:
         group = dist.distributed_c10d._resolve_process_group(group_name)
-        box = _SymmetricMailbox(group_name, device) if device.type == "cuda" else _AllGatherMailbox(group)
+        box = _SymmetricMailbox(group, device) if device.type == "cuda" else _AllGatherMailbox(group)
         _MAILBOXES[key] = box
     return box
-
-
-def _rank(group_name: str) -> int:
-    return dist.get_rank(dist.distributed_c10d._resolve_process_group(group_name))
 
 
 # ---- moe_ep::dispatch ---------------------------------------------------------------------------
@@ -198,7 +200,7 @@ def _dispatch(x: Tensor, meta: Tensor, pos: Tensor, index: Tensor, counts: Tenso
     _check_layout("x", x, meta, pos, index, counts, pos.shape[0])
     ep, C = index.shape
     box = _mailbox(group_name, x.device)
-    me = _rank(group_name)
+    me = box.rank
     wide = [index, counts, x] + ([meta] if meta.shape[1] else [])
     shapes = [(ep, C), (ep,), (C, x.shape[1])] + ([(C, meta.shape[1])] if meta.shape[1] else [])
     views = box.publish(wide, shapes)
@@ -225,8 +227,6 @@ def _dispatch_setup(ctx, inputs, output):
 
 def _dispatch_backward(ctx, grad_rows, grad_meta_rows):
     pos, index, counts = ctx.saved_tensors
-    if grad_meta_rows is None:
-        grad_meta_rows = grad_rows.new_zeros(grad_rows.shape[0], 0, dtype=ctx.dtypes[1])
     grad_x, grad_meta = combine(grad_rows, grad_meta_rows, PeerLayout(pos, index, counts), ctx.group_name,
                                 ctx.dtypes[0])
     return grad_x, grad_meta.to(ctx.dtypes[1]), None, None, None, None
@@ -307,10 +307,8 @@ class PeerDispatcher:
     with static shapes: ``capacity`` rows per source rank."""
 
     def __init__(self, ep_mesh, n_routed_experts: int, capacity: int):
+        self.experts_per_rank = experts_per_rank(ep_mesh, n_routed_experts)
         ep_size = ep_mesh.size()
-        if n_routed_experts % ep_size:
-            raise ValueError(f"ep_mesh: n_routed_experts={n_routed_experts} must be divisible by the EP size, "
-                             f"got ep_size={ep_size}")
         if ep_size > MAX_EP:
             raise ValueError(f"max_tokens_per_rank: the peer-memory dispatch runs on one host of at most {MAX_EP} "
                              f"GPUs, got an EP group of {ep_size}; leave max_tokens_per_rank=None")
@@ -321,7 +319,6 @@ class PeerDispatcher:
         self.rank = ep_mesh.get_local_rank()
         self.ep_size = ep_size
         self.num_experts = n_routed_experts
-        self.experts_per_rank = n_routed_experts // ep_size
         self.capacity = capacity
 
     def layout(self, token_mask: Tensor, indices: Tensor) -> PeerLayout:
@@ -333,10 +330,8 @@ class PeerDispatcher:
             return PeerLayout(torch.full((0, ep), -1, dtype=torch.int64, device=device),
                               torch.zeros(ep, C, dtype=torch.int64, device=device),
                               torch.zeros(ep, dtype=torch.int64, device=device))
-        idx = indices.long()
-        valid = token_mask.unsqueeze(1) & (idx >= 0) & (idx < self.num_experts)
         ranks = torch.arange(ep, device=device)
-        hits_TR = (torch.where(valid, idx // self.experts_per_rank, ep).unsqueeze(-1) == ranks).any(1)
+        hits_TR = slot_on_rank(token_mask, indices, self.num_experts, self.experts_per_rank, ep).any(1)
         # moe.route with the ranks as experts: a stable sort of the (token, rank) pairs by rank.
         pair_of_row, row_of_pair, counts, ends = moe_ops.route(torch.where(hits_TR, ranks, -1), token_mask, 0, ep)
         starts = ends.long() - counts
@@ -353,7 +348,7 @@ class PeerDispatcher:
         layout = self.layout(token_mask, indices)
         idx = indices.long()
         routed = (idx >= 0) & (idx < self.num_experts)
-        meta_dtype = torch.float64 if weights.dtype == torch.float64 else torch.float32  # ids < 2^24: exact
+        meta_dtype = metadata_dtype(weights)
         # Expert ids travel as id + 1 so that the zero padding rows read as "no expert".
         meta = torch.cat([weights.to(meta_dtype), torch.where(routed, idx + 1, 0).to(meta_dtype)], 1)
         rows, meta_rows = dispatch(x, meta, layout, self.group_name)

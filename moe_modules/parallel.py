@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
 from torch import nn
 
 from moe_modules._params import PARAM_NAMES
+from moe_modules.deepep import GroupedExpertsDeepEP
 from moe_modules.ep_all_gather import all_gather_experts
 from moe_modules.ep_all_to_all import AllToAllDispatcher
 from moe_modules.ep_peer import PeerDispatcher
@@ -47,8 +47,7 @@ def apply_ep(module: nn.Module, ep_mesh, *, reduce_dtype: Optional[torch.dtype] 
     E = module.config.n_routed_experts
     if E % ep_size:
         raise ValueError(f"ep_mesh: n_routed_experts={E} must be divisible by the EP size, got ep_size={ep_size}")
-    dispatcher_args = inspect.signature(getattr(module, "init_token_dispatcher", lambda ep_mesh: None)).parameters
-    if max_tokens_per_rank is not None and "max_tokens_per_rank" not in dispatcher_args:
+    if max_tokens_per_rank is not None and not isinstance(module, GroupedExpertsDeepEP):
         raise ValueError(f"max_tokens_per_rank: only GroupedExpertsDeepEP takes it (the peer-memory dispatch), "
                          f"got {type(module).__name__}")
     for name in PARAM_NAMES:

@@ -62,3 +62,14 @@ def test_send_layout(ep, compiled_path, monkeypatch):
     valid = token_mask.unsqueeze(1) & (indices >= 0) & (indices < E)
     owner = indices // (E // ep)
     assert pairs_per_rank.tolist() == [int((valid & (owner == r)).sum()) for r in range(ep)]
+
+
+def test_peer_mailbox_regions_are_aligned_and_disjoint():
+    """The symmetric-memory mailbox (GPU only) lays its tensors out with this: aligned, in order, no overlap."""
+    from moe_modules.ep_peer import _ALIGN, _regions
+
+    sizes = [64, 1, 0, 3 * _ALIGN, _ALIGN + 1]
+    offsets, end = _regions(sizes)
+    assert offsets == [0, _ALIGN, 2 * _ALIGN, 2 * _ALIGN, 5 * _ALIGN]
+    assert all(o % _ALIGN == 0 for o in offsets) and end == 7 * _ALIGN
+    assert all(o + n <= nxt for o, n, nxt in zip(offsets, sizes, offsets[1:] + [end]))
