@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 import ep_common
 from moe_modules import GroupedExperts, GroupedExpertsDeepEP, MoEConfig, apply_ep
-from moe_modules.parallel import AllToAllDispatcher, PeerDispatcher
+from moe_modules.parallel import AllToAllDispatcher, PeerDispatcher, deep_ep_importable
 
 
 def parse_args():
@@ -213,8 +213,12 @@ def bench_peer(args, mesh, device, inputs: tuple, baselines: dict) -> dict:
 # partial outputs home in bf16 (DeepEP's choice: half the combine bytes), and the peer-memory dispatch.
 EP_LAYERS = (("GroupedExperts", GroupedExperts, lambda args: {}),
              ("GroupedExpertsDeepEP", GroupedExpertsDeepEP, lambda args: {}),
-             ("GroupedExpertsDeepEP_bf16_partials", GroupedExpertsDeepEP, lambda args: {"reduce_dtype": None}),
+             ("GroupedExpertsDeepEP_bf16_partials", GroupedExpertsDeepEP,
+              lambda args: {"reduce_dtype": None, "use_deep_ep": False}),
              ("GroupedExpertsDeepEP_peer", GroupedExpertsDeepEP, lambda args: {"max_tokens_per_rank": args.tokens}))
+if deep_ep_importable():  # the optional package: the same bf16 partials through DeepEP's own buffers
+    EP_LAYERS += (("GroupedExpertsDeepEP_deep_ep", GroupedExpertsDeepEP,
+                   lambda args: {"reduce_dtype": None, "use_deep_ep": True}),)
 
 
 def layer_step(module, inp: dict):

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 import ep_common
 from moe_modules import GroupedExperts, GroupedExpertsDeepEP, MoEConfig, apply_ep
+from moe_modules.parallel import deep_ep_importable
 
 PARAMS = ("gate_and_up_projs", "down_projs", "gate_up_proj_bias", "down_proj_bias")
 CONFIGS = (("swiglu", False), ("quick_geglu", True), ("relu2", False))
@@ -51,13 +52,20 @@ def variants(compile_backend, capacity: int) -> list[tuple]:
     """``(name, module class, apply_ep's keyword arguments, compiled)`` of each EP run checked: both
     modules with the defaults (float32 partial sums), the all-to-all module sending bf16 partials as
     DeepEP does, the peer-memory dispatch (``max_tokens_per_rank``), and the defaults and the
-    peer-memory dispatch under torch.compile when a backend is given."""
+    peer-memory dispatch under torch.compile when a backend is given; and, where the optional
+    ``deep_ep`` package imports, the same bf16 partials through DeepEP's own buffers."""
     runs = [("GroupedExperts", GroupedExperts, {}, False),
             ("GroupedExpertsDeepEP", GroupedExpertsDeepEP, {}, False),
-            ("GroupedExpertsDeepEP (bf16 partials)", GroupedExpertsDeepEP, {"reduce_dtype": None}, False),
+            ("GroupedExpertsDeepEP (bf16 partials)", GroupedExpertsDeepEP,
+             {"reduce_dtype": None, "use_deep_ep": False}, False),
             ("GroupedExpertsDeepEP (peer memory)", GroupedExpertsDeepEP, {"max_tokens_per_rank": capacity}, False)]
     if compile_backend:
         runs += [(name, cls, kwargs, True) for name, cls, kwargs, _ in (runs[0], runs[1], runs[3])]
+    if deep_ep_importable():
+        runs.append(("GroupedExpertsDeepEP (DeepEP buffers)", GroupedExpertsDeepEP,
+                     {"reduce_dtype": None, "use_deep_ep": True}, False))
+    else:
+        print("DeepEP buffers: not checked (the optional deep_ep package does not import here)")
     return runs
 
 

@@ -170,6 +170,10 @@ def cmd_info(args) -> int:
     print(f"backends in priority order: {', '.join(names)}")
     for b in registry.backends():
         print(f"  {b.name}: {b.description}")
+    from moe_modules.ep_deep_ep import deep_ep_importable
+
+    print(f"expert parallelism through DeepEP's buffers (apply_ep(use_deep_ep=...)): "
+          f"{'deep_ep importable' if deep_ep_importable() else 'no: the optional deep_ep package is not importable'}")
     print()
     for op, reasons in registry.support_table():
         tag = f"  (forced: {forced[op]})" if forced[op] else ""

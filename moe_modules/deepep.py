@@ -13,6 +13,20 @@ from moe_modules.config import MoEConfig
 from moe_modules.expert_block import Activation, check_forward_inputs, run_local_experts
 
 
+def check_transport_options(max_tokens_per_rank: Optional[int], use_deep_ep: Optional[bool]) -> None:
+    """The errors of ``init_token_dispatcher`` (and of ``apply_ep``, before it shards anything)."""
+    if not use_deep_ep:
+        return
+    if max_tokens_per_rank is not None:
+        raise ValueError("use_deep_ep=True: DeepEP's buffers and max_tokens_per_rank (the peer-memory dispatch) "
+                         "are two transports; pick one")
+    from moe_modules.ep_deep_ep import deep_ep_importable
+
+    if not deep_ep_importable():
+        raise ValueError("use_deep_ep=True: the deep_ep package is not importable (it is optional: build DeepEP "
+                         "from source, or pass use_deep_ep=None)")
+
+
 class GroupedExpertsDeepEP(nn.Module):
     """NeMo AutoModel's ``GroupedExpertsDeepEP`` contract.
 
@@ -30,15 +44,23 @@ class GroupedExpertsDeepEP(nn.Module):
         self.token_dispatcher = None
         create_expert_params(self, config)
 
-    def init_token_dispatcher(self, ep_mesh, max_tokens_per_rank: Optional[int] = None) -> None:
-        """All-to-all dispatch / combine over ``ep_mesh`` with exact split sizes; or, given
-        ``max_tokens_per_rank``, the static-shape peer-memory dispatch (no host sync)."""
-        from moe_modules.parallel import AllToAllDispatcher, PeerDispatcher
+    def init_token_dispatcher(self, ep_mesh, max_tokens_per_rank: Optional[int] = None,
+                              use_deep_ep: Optional[bool] = None) -> None:
+        """All-to-all dispatch / combine over ``ep_mesh`` with exact split sizes — through DeepEP's own
+        buffers where ``deep_ep`` is importable and supports the call (``use_deep_ep``: ``None`` where it
+        can, ``True`` always or raise, ``False`` never) — or, given ``max_tokens_per_rank``, the
+        static-shape peer-memory dispatch (no host sync)."""
+        from moe_modules.parallel import AllToAllDispatcher, DeepEPDispatcher, PeerDispatcher, deep_ep_importable
 
+        check_transport_options(max_tokens_per_rank, use_deep_ep)
         self.ep_mesh = ep_mesh
         E = self.config.n_routed_experts
-        self.token_dispatcher = (AllToAllDispatcher(ep_mesh, E) if max_tokens_per_rank is None
-                                 else PeerDispatcher(ep_mesh, E, max_tokens_per_rank))
+        if max_tokens_per_rank is not None:
+            self.token_dispatcher = PeerDispatcher(ep_mesh, E, max_tokens_per_rank)
+        elif use_deep_ep is False or (use_deep_ep is None and not deep_ep_importable()):
+            self.token_dispatcher = AllToAllDispatcher(ep_mesh, E)
+        else:
+            self.token_dispatcher = DeepEPDispatcher(ep_mesh, E, require=bool(use_deep_ep))
 
     @staticmethod
     def _apply_bias(value: Tensor, bias: Optional[Tensor], tokens_per_expert: Tensor, permuted_probs=None) -> Tensor:

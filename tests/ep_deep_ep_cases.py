@@ -1,0 +1,142 @@
+"""The worker of ``tests/test_ep_deep_ep.py``: ``GroupedExpertsDeepEP`` through DeepEP's buffers, on gloo.
+
+The ``deep_ep`` package cannot be built without CUDA and NVSHMEM, so ``tests/deep_ep_stand_in.py``
+stands in for it: DeepEP's intranode API and contract (bfloat16 tokens, float32 weights, int64 ids,
+received order, local ids, float32 combine), over ``torch.distributed`` collectives.  Each rank runs
+every case and saves what it got; the test compares.
+
+    python tests/ep_deep_ep_cases.py --rank R --world-size N --dir D
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+
+import deep_ep_stand_in
+import ep_cases
+from ep_cases import PARAM_NAMES, Case, config, make_inputs, rank_slice
+
+MODULE = "GroupedExpertsDeepEP"
+CASES = [Case(MODULE, act, bias, layout) for act, bias in (("swiglu", False), ("quick_geglu", True), ("relu2", True))
+         for layout in ("uneven", "empty_rank")]
+COMPILED_CASE = Case(MODULE, "quick_geglu", True, "empty_rank", compiled=True)
+
+
+def build(case: Case, mesh, dtype: torch.dtype, **options):
+    import moe_modules
+
+    inputs = make_inputs(case, mesh.size())
+    module = moe_modules.GroupedExpertsDeepEP(config(case.activation, case.bias, dtype=dtype))
+    with torch.no_grad():
+        for name in PARAM_NAMES:
+            if getattr(module, name) is not None:
+                getattr(module, name).copy_(inputs[name])
+    return moe_modules.apply_ep(module, mesh, **options)
+
+
+def run(module, case: Case, rank: int, world_size: int, dtype: torch.dtype) -> dict:
+    """Output and gradients (x, routing weights, local parameter shards) of this rank's tokens, and the
+    stand-in's calls they made."""
+    inputs, mine = make_inputs(case, world_size), rank_slice(case, world_size, rank)
+    forward = torch.compile(module, fullgraph=True, backend="aot_eager") if case.compiled else module
+    x = inputs["x"][mine].to(dtype).requires_grad_()
+    weights = inputs["weights"][mine].to(dtype).requires_grad_()
+    deep_ep_stand_in.Buffer.reset_calls()
+    y = forward(x, inputs["token_mask"][mine], weights, inputs["indices"][mine])
+    (y * inputs["grad_y"][mine].to(dtype)).sum().backward()
+    result = {"y": y.detach(), "x_grad": x.grad, "weights_grad": weights.grad}
+    result.update({name + "_grad": getattr(module, name).grad.to_local() for name in PARAM_NAMES
+                   if getattr(module, name) is not None})
+    return {"result": result, "calls": dict(deep_ep_stand_in.Buffer.calls)}
+
+
+def message_of(call) -> str | None:
+    try:
+        call()
+    except (ValueError, NotImplementedError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def worker(rank: int, world_size: int, directory: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    import moe_modules
+    from moe_modules import ep_deep_ep
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(directory, "rendezvous"), rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=ep_cases.GLOO_TIMEOUT_S))
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
+    bf16 = torch.bfloat16
+    out = {"importable_before": ep_deep_ep.deep_ep_importable()}
+
+    # Without the package: use_deep_ep=True refuses before sharding anything.
+    module = moe_modules.GroupedExpertsDeepEP(config("swiglu", False))
+    out["not_importable"] = message_of(lambda: moe_modules.apply_ep(module, mesh, use_deep_ep=True))
+    out["left_unsharded"] = not any(isinstance(getattr(module, n), DTensor) for n in PARAM_NAMES
+                                    if getattr(module, n) is not None)
+    out["default_without_package"] = type(build(CASES[0], mesh, bf16, reduce_dtype=None).token_dispatcher).__name__
+
+    with deep_ep_stand_in.install():
+        # The real package runs on CUDA only; its stand-in runs here.
+        ep_deep_ep.DEEP_EP_DEVICE_TYPES = ("cuda", "cpu")
+        out["importable_with_stand_in"] = ep_deep_ep.deep_ep_importable()
+        out["deep_ep"], out["all_to_all"] = {}, {}
+        for case in CASES:
+            module = build(case, mesh, bf16, reduce_dtype=None)
+            out["dispatcher"] = type(module.token_dispatcher).__name__
+            out["deep_ep"][case.name] = run(module, case, rank, world_size, bf16)
+            reference_path = build(case, mesh, bf16, reduce_dtype=None, use_deep_ep=False)
+            out["all_to_all"][case.name] = run(reference_path, case, rank, world_size, bf16)
+        # torch.compile traces the functional all-to-all path instead (same arithmetic).
+        out["compiled"] = run(build(COMPILED_CASE, mesh, bf16, reduce_dtype=None), COMPILED_CASE, rank,
+                              world_size, bf16)
+        # Unsupported calls fall back (use_deep_ep=None) or raise the reasons (True).
+        fp32_case = CASES[1]
+        out["float32_auto"] = run(build(fp32_case, mesh, torch.float32), fp32_case, rank, world_size, torch.float32)
+        out["float32_all_to_all"] = run(build(fp32_case, mesh, torch.float32, use_deep_ep=False), fp32_case, rank,
+                                        world_size, torch.float32)
+        out["float32_partials_auto"] = run(build(fp32_case, mesh, bf16), fp32_case, rank, world_size, bf16)
+        required = build(fp32_case, mesh, torch.float32, use_deep_ep=True)
+        out["required_float32"] = message_of(lambda: run(required, fp32_case, rank, world_size, torch.float32))
+        required = build(fp32_case, mesh, bf16, use_deep_ep=True)  # float32 partials (the default reduce_dtype)
+        out["required_float32_partials"] = message_of(lambda: run(required, fp32_case, rank, world_size, bf16))
+        out["with_peer"] = message_of(lambda: build(fp32_case, mesh, bf16, use_deep_ep=True,
+                                                    max_tokens_per_rank=ep_cases.PEER_CAPACITY))
+        out["grouped_experts"] = message_of(lambda: moe_modules.apply_ep(
+            moe_modules.GroupedExperts(config("swiglu", False)), mesh, use_deep_ep=True))
+    out["importable_after"] = ep_deep_ep.deep_ep_importable()
+
+    torch.save(out, os.path.join(directory, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as ep_cases.worker: skip interpreter finalisation, where gloo sometimes aborts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--dir", required=True)
+    args = parser.parse_args()
+    try:
+        worker(args.rank, args.world_size, args.dir)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    main()
