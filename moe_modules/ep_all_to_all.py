@@ -90,7 +90,7 @@ class AllToAllDispatcher:
         Returns ``row_of_pair [T, ep]`` (past every row where token ``t`` has no expert on rank ``r``),
         ``offsets [ep]`` int32 cumulative rows per rank, ``pair_of_row [T*ep]`` (``t*ep + r`` of each
         row sent; rows past them hold any in-range pair), and the rows and (token, expert) pairs per
-        rank.  Eager mode takes a prefix sum over ``[T, ep]`` (about twenty small kernels); under
+        rank.  Eager mode takes a flat prefix sum over the hits (about twenty small kernels); under
         ``torch.compile`` it is ``moe.route`` over the ranks as experts, since torch 2.11's Inductor
         fails to generate CUDA code for the prefix sum.  Both give the same layout."""
         T, K = indices.shape
@@ -105,8 +105,11 @@ class AllToAllDispatcher:
             return row_of_pair, offsets, pair_of_row, rows_per_rank, pairs_per_rank
         rows_per_rank = hits_TR.sum(0)
         ends = rows_per_rank.cumsum(0)
-        row_TR = (ends - rows_per_rank) + hits_TR.cumsum(0) - 1  # rank r's rows start at ends[r-1]
-        row_of_pair = torch.where(hits_TR, row_TR, T * ep)
+        # The row of pair (t, r) is the number of hits before it in rank-major order: one flat prefix
+        # sum over the [ep, T] hits.  (A scan along dim 0 of [T, ep] runs one thread per column:
+        # 0.65 ms of device time at T=4096, ep=4 on H200, most of the dispatch's non-NCCL time.)
+        row_RT = hits_TR.t().reshape(-1).cumsum(0).view(ep, T) - 1
+        row_of_pair = torch.where(hits_TR, row_RT.t(), T * ep)
         pair_of_row = torch.zeros(T * ep + 1, dtype=torch.int64, device=indices.device)  # slot T*ep: unsent
         pair_of_row.scatter_(0, row_of_pair.reshape(-1), torch.arange(T * ep, device=indices.device))
         return row_of_pair, ends.to(torch.int32), pair_of_row[:T * ep], rows_per_rank, pairs_per_rank
