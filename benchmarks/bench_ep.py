@@ -257,7 +257,7 @@ def host_costs(dispatcher, x, mask, weights, indices, d, device, whole) -> dict:
     small = torch.zeros(8, device=device)
     steps = {
         "tiny aten op (add)": lambda: small.add(1),
-        "send layout (eager: a prefix sum, about 20 aten ops)": lambda: dispatcher._send_layout(mask, indices),
+        "send layout (moe.route over the ranks [T, ep], and its inputs)": lambda: dispatcher._send_layout(mask, indices),
         "moe.route over all experts [T, K]": lambda: moe_ops.route(indices, mask, 0, dispatcher.num_experts),
         "moe.gather of the rows sent": lambda: moe_ops.gather(x, row_of_pair, offsets, None, n_send),
         "moe.combine of the rows received back": lambda: moe_ops.combine(rows, row_of_pair, offsets),

@@ -1,6 +1,6 @@
 """The all-to-all dispatcher's send layout, without a process group: one row per (token, rank that
-owns one of its experts), ranks in order, tokens in order within a rank — the same from the eager
-prefix sum and from ``moe.route`` (the path taken under torch.compile)."""
+owns one of its experts), ranks in order, tokens in order within a rank (``moe.route`` with the ranks
+as experts, eager and compiled), against a plain loop."""
 
 from __future__ import annotations
 
@@ -39,13 +39,10 @@ def _expected(token_mask, indices, ep: int, E: int):
 
 
 @pytest.mark.parametrize("ep", [1, 2, 4])
-@pytest.mark.parametrize("compiled_path", [False, True], ids=["eager", "route"])
-def test_send_layout(ep, compiled_path, monkeypatch):
+def test_send_layout(ep):
     T, K, E = 37, 3, 8
     token_mask, indices = _routing(T, K, E, seed=ep)
     dispatcher = AllToAllDispatcher(_Mesh(ep), E)
-    if compiled_path:
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     row_of_pair, offsets, pair_of_row, rows_per_rank, pairs_per_rank = dispatcher._send_layout(token_mask, indices)
 
     order, per_rank = _expected(token_mask, indices, ep, E)
