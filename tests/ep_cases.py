@@ -278,14 +278,11 @@ def opcheck_peer_ops(mesh, rank: int, world_size: int) -> dict:
 
 
 def worker(rank: int, world_size: int, directory: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     import moe_modules
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(directory, "rendezvous"), rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=GLOO_TIMEOUT_S))
+    join_gloo(rank, world_size, directory)
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
     results = {"cases": {}}
     for case in cases(world_size):
@@ -306,6 +303,26 @@ def worker(rank: int, world_size: int, directory: str) -> None:
         results["submesh_ep_rank"] = ep_rank
         results["submesh_cases"] = {case.name: run_case(case, ep_mesh, ep_rank, 2) for case in submesh_cases()}
         results["reshard_failures"] = check_reshard_load(ep_mesh, world_size, directory)
+    save_and_exit(results, rank, directory)
+
+
+# ---- what every worker script shares (this one, ep_deep_ep_cases.py, test_deep_ep_stand_in.py) ----
+
+
+def join_gloo(rank: int, world_size: int, directory: str) -> None:
+    """One thread, and the gloo group of ``world_size`` ranks (file rendezvous in ``directory``, so no
+    port can clash; collectives time out after ``GLOO_TIMEOUT_S``)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(directory, "rendezvous"), rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=GLOO_TIMEOUT_S))
+
+
+def save_and_exit(results, rank: int, directory: str) -> None:
+    """Save this rank's results to ``directory/rank{rank}.pt``, tear the group down, and leave."""
+    import torch.distributed as dist
+
     torch.save(results, os.path.join(directory, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -316,14 +333,15 @@ def worker(rank: int, world_size: int, directory: str) -> None:
     os._exit(0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(worker_fn=None) -> None:
+    """``python SCRIPT --rank R --world-size W --dir DIR``: run ``worker_fn`` (default: this file's)."""
+    parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--dir", required=True)
     args = parser.parse_args()
     try:
-        worker(args.rank, args.world_size, args.dir)
+        (worker_fn or worker)(args.rank, args.world_size, args.dir)
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()

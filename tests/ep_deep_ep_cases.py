@@ -10,11 +10,6 @@ every case and saves what it got; the test compares.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import traceback
-from datetime import timedelta
 
 import torch
 
@@ -65,16 +60,13 @@ def message_of(call) -> str | None:
 
 
 def worker(rank: int, world_size: int, directory: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     import moe_modules
     from moe_modules import ep_deep_ep
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(directory, "rendezvous"), rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=ep_cases.GLOO_TIMEOUT_S))
+    ep_cases.join_gloo(rank, world_size, directory)
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
     bf16 = torch.bfloat16
     out = {"importable_before": ep_deep_ep.deep_ep_importable()}
@@ -116,27 +108,8 @@ def worker(rank: int, world_size: int, directory: str) -> None:
             moe_modules.GroupedExperts(config("swiglu", False)), mesh, use_deep_ep=True))
     out["importable_after"] = ep_deep_ep.deep_ep_importable()
 
-    torch.save(out, os.path.join(directory, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as ep_cases.worker: skip interpreter finalisation, where gloo sometimes aborts
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--dir", required=True)
-    args = parser.parse_args()
-    try:
-        worker(args.rank, args.world_size, args.dir)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
+    ep_cases.save_and_exit(out, rank, directory)
 
 
 if __name__ == "__main__":
-    main()
+    ep_cases.main(worker)

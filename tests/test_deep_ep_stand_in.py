@@ -12,12 +12,8 @@ size hints and ``install()`` are checked in this process.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import traceback
 import zlib
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 import deep_ep_stand_in
-from ep_cases import GLOO_TIMEOUT_S
-from test_distributed import launch, worker_env
+import ep_cases
+from test_distributed import run_world
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -300,9 +296,7 @@ def check_errors(deep_ep, buffer, group, rank, world_size, where, check, x, topk
 
 
 def worker(rank: int, world_size: int, directory: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(directory, "rendezvous"), rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=GLOO_TIMEOUT_S))
+    ep_cases.join_gloo(rank, world_size, directory)
     group = dist.new_group(list(range(world_size)))
     check, stats = Checker(rank), {"received_rows": [], "stepwise_differs": False}
     with deep_ep_stand_in.install():
@@ -320,13 +314,7 @@ def worker(rank: int, world_size: int, directory: str) -> None:
         for case in CASES:
             run_case(deep_ep, buffer, group, rank, world_size, case, check, stats)
         calls = dict(deep_ep.Buffer.calls)
-    torch.save({"failures": check.failures, "stats": stats, "calls": calls},
-               os.path.join(directory, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as tests/ep_cases.py: skip interpreter finalisation, the results are saved
+    ep_cases.save_and_exit({"failures": check.failures, "stats": stats, "calls": calls}, rank, directory)
 
 
 # ---- the tests --------------------------------------------------------------------------------
@@ -336,10 +324,7 @@ def worker(rank: int, world_size: int, directory: str) -> None:
 def stand_in_run(request, tmp_path_factory):
     world_size = request.param
     directory = tmp_path_factory.mktemp(f"deep_ep_world{world_size}")
-    launch(lambda rank: [sys.executable, str(Path(__file__).resolve()), "--rank", str(rank),
-                         "--world-size", str(world_size), "--dir", str(directory)],
-           world_size, worker_env(directory), LAUNCH_DEADLINE_S)
-    return world_size, [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return world_size, run_world(Path(__file__).resolve(), world_size, directory, LAUNCH_DEADLINE_S)
 
 
 def test_dispatch_and_combine_match_the_reference(stand_in_run):
@@ -429,19 +414,5 @@ def test_install_registers_and_restores():
             sys.modules["deep_ep"] = before
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--dir", required=True)
-    args = parser.parse_args()
-    try:
-        worker(args.rank, args.world_size, args.dir)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-
-
 if __name__ == "__main__":
-    main()
+    ep_cases.main(worker)

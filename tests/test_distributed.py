@@ -77,16 +77,21 @@ def worker_env(log_dir: Path) -> dict:
     return env
 
 
+def run_world(script: Path, world_size: int, directory: Path, deadline_s: float) -> list:
+    """Launch ``python script --rank R --world-size W --dir directory`` on every rank (an
+    ``ep_cases.main`` worker) and return what each rank saved."""
+    launch(lambda rank: [sys.executable, str(script), "--rank", str(rank), "--world-size", str(world_size),
+                         "--dir", str(directory)],
+           world_size, worker_env(directory), deadline_s)
+    return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"world{n}")
 def ep_run(request, tmp_path_factory):
     """Every rank's saved results of one launch of ``tests/ep_cases.py`` at this world size."""
     world_size = request.param
     directory = tmp_path_factory.mktemp(f"ep_world{world_size}")
-    launch(lambda rank: [sys.executable, str(HERE / "ep_cases.py"), "--rank", str(rank),
-                         "--world-size", str(world_size), "--dir", str(directory)],
-           world_size, worker_env(directory), LAUNCH_DEADLINE_S)
-    ranks = [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
-    return world_size, ranks
+    return world_size, run_world(HERE / "ep_cases.py", world_size, directory, LAUNCH_DEADLINE_S)
 
 
 @functools.lru_cache(maxsize=None)

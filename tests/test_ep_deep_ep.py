@@ -10,7 +10,6 @@ when DeepEP is used, skipped, or refused; and that compile traces the functional
 from __future__ import annotations
 
 import functools
-import sys
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import torch.distributed as dist
 import ep_cases
 import ep_deep_ep_cases
 import reference
-from test_distributed import HERE, launch, mismatches, worker_env
+from test_distributed import HERE, mismatches, run_world
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -30,10 +29,7 @@ BF16_TOL = reference.TOLERANCE[torch.bfloat16]
 def deep_ep_run(request, tmp_path_factory):
     world_size = request.param
     directory = tmp_path_factory.mktemp(f"deep_ep_world{world_size}")
-    launch(lambda rank: [sys.executable, str(HERE / "ep_deep_ep_cases.py"), "--rank", str(rank),
-                         "--world-size", str(world_size), "--dir", str(directory)],
-           world_size, worker_env(directory), 180)
-    return world_size, [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return world_size, run_world(HERE / "ep_deep_ep_cases.py", world_size, directory, 180)
 
 
 @functools.lru_cache(maxsize=None)
