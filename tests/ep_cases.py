@@ -156,8 +156,6 @@ def check_state_dict_round_trip(mesh, rank: int, world_size: int, directory: str
     import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import DTensor, Shard
 
-    import moe_modules
-
     failures = []
     for module_name in MODULES:
         case = Case(module_name, "swiglu", True, "uneven")
