@@ -64,8 +64,6 @@ def variants(compile_backend, capacity: int) -> list[tuple]:
     if deep_ep_importable():
         runs.append(("GroupedExpertsDeepEP (DeepEP buffers)", GroupedExpertsDeepEP,
                      {"reduce_dtype": None, "use_deep_ep": True}, False))
-    else:
-        print("DeepEP buffers: not checked (the optional deep_ep package does not import here)")
     return runs
 
 
@@ -136,6 +134,9 @@ def main() -> None:
     mine = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
     experts = slice(rank * args.experts // world_size, (rank + 1) * args.experts // world_size)
     records, graph_checks = [], []
+    runs = variants(args.compile_backend, max(counts))
+    if rank == 0 and not deep_ep_importable():
+        print("DeepEP buffers: not checked (the optional deep_ep package does not import here)")
     for activation, bias in CONFIGS:
         cfg32 = MoEConfig(n_routed_experts=args.experts, n_activated_experts=args.topk, dim=args.dim,
                           moe_inter_dim=args.inter, expert_activation=activation, expert_bias=bias,
@@ -155,7 +156,7 @@ def main() -> None:
             return {k: v[experts] if k.endswith(("projs_grad", "bias_grad")) else v[mine] for k, v in full.items()}
 
         ref, single = expected(ref), expected(single)
-        for name, cls, ep_kwargs, compiled in variants(args.compile_backend, max(counts)):
+        for name, cls, ep_kwargs, compiled in runs:
             module = apply_ep(make_module(cls, cfg16, params16, device), mesh, **ep_kwargs)
             forward = torch.compile(module, fullgraph=True, backend=args.compile_backend) if compiled else module
             got = run(forward, inputs16, mine)

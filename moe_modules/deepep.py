@@ -10,6 +10,7 @@ from torch import Tensor, nn
 import moe_ops
 from moe_modules._params import create_expert_params, init_expert_params, local_expert_params
 from moe_modules.config import MoEConfig
+from moe_modules.ep_deep_ep import deep_ep_importable
 from moe_modules.expert_block import Activation, check_forward_inputs, run_local_experts
 
 
@@ -20,8 +21,6 @@ def check_transport_options(max_tokens_per_rank: Optional[int], use_deep_ep: Opt
     if max_tokens_per_rank is not None:
         raise ValueError("use_deep_ep=True: DeepEP's buffers and max_tokens_per_rank (the peer-memory dispatch) "
                          "are two transports; pick one")
-    from moe_modules.ep_deep_ep import deep_ep_importable
-
     if not deep_ep_importable():
         raise ValueError("use_deep_ep=True: the deep_ep package is not importable (it is optional: build DeepEP "
                          "from source, or pass use_deep_ep=None)")
@@ -50,7 +49,7 @@ class GroupedExpertsDeepEP(nn.Module):
         buffers where ``deep_ep`` is importable and supports the call (``use_deep_ep``: ``None`` where it
         can, ``True`` always or raise, ``False`` never) — or, given ``max_tokens_per_rank``, the
         static-shape peer-memory dispatch (no host sync)."""
-        from moe_modules.parallel import AllToAllDispatcher, DeepEPDispatcher, PeerDispatcher, deep_ep_importable
+        from moe_modules.parallel import AllToAllDispatcher, DeepEPDispatcher, PeerDispatcher
 
         check_transport_options(max_tokens_per_rank, use_deep_ep)
         self.ep_mesh = ep_mesh

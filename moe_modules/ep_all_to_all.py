@@ -69,6 +69,19 @@ def slot_on_rank(token_mask: Tensor, indices: Tensor, num_experts: int, experts_
     return owner_TK.unsqueeze(-1) == torch.arange(ep, device=indices.device)
 
 
+def route_to_ranks(on_rank_TKR: Tensor, token_mask: Tensor):
+    """``moe.route`` with the ranks as experts: a stable sort of the (token, rank) pairs by rank, one
+    pair per rank that owns at least one of the token's experts.  ``on_rank_TKR`` is
+    :func:`slot_on_rank`'s.  Returns ``hits_TR [T, ep]`` bool and route's ``(pair_of_row,
+    row_of_pair, rows per rank, offsets)``.  One op, eager and compiled: a prefix sum over ``[T, ep]``
+    took about twenty aten ops (more host time, and a dim-0 scan that cost 0.65 ms of device time at
+    T=4096, ep=4 on H200), and torch 2.11's Inductor could not generate CUDA code for it."""
+    ep = on_rank_TKR.shape[-1]
+    hits_TR = on_rank_TKR.any(1)
+    dest_TR = torch.where(hits_TR, torch.arange(ep, device=hits_TR.device), -1)
+    return hits_TR, moe_ops.route(dest_TR, token_mask, 0, ep)
+
+
 def metadata_dtype(weights: Tensor) -> torch.dtype:
     # Local expert ids (< 2^24) are exact in float32, and so is a bfloat16 / float16 weight.
     return torch.float64 if weights.dtype == torch.float64 else torch.float32
@@ -90,18 +103,10 @@ class AllToAllDispatcher:
         Returns ``row_of_pair [T, ep]`` (past every row where token ``t`` has no expert on rank ``r``),
         ``offsets [ep]`` int32 cumulative rows per rank, ``pair_of_row [T*ep]`` (``t*ep + r`` of each
         row sent; rows past them hold any in-range pair), and the rows and (token, expert) pairs per
-        rank.  It is ``moe.route`` with the ranks as experts (a stable sort of the (token, rank) pairs
-        by rank), eager and compiled alike: one op, where a prefix sum took about twenty aten ops
-        (687-837 us of host time against 245-377 on the H200 host, 283-444 against 268-310 on H100),
-        and Inductor in torch 2.11 could not generate CUDA code for that prefix sum."""
-        ep = self.ep_size
-        ranks = torch.arange(ep, device=indices.device)
-        on_rank_TKR = slot_on_rank(token_mask, indices, self.num_experts, self.experts_per_rank, ep)
-        hits_TR = on_rank_TKR.any(1)
-        pairs_per_rank = on_rank_TKR.sum((0, 1))
-        dest_TR = torch.where(hits_TR, ranks, -1)
-        pair_of_row, row_of_pair, rows_per_rank, offsets = moe_ops.route(dest_TR, token_mask, 0, ep)
-        return row_of_pair, offsets, pair_of_row, rows_per_rank, pairs_per_rank
+        rank (:func:`route_to_ranks`)."""
+        on_rank_TKR = slot_on_rank(token_mask, indices, self.num_experts, self.experts_per_rank, self.ep_size)
+        _, (pair_of_row, row_of_pair, rows_per_rank, offsets) = route_to_ranks(on_rank_TKR, token_mask)
+        return row_of_pair, offsets, pair_of_row, rows_per_rank, on_rank_TKR.sum((0, 1))
 
     def dispatch(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Dispatched:
         """Send each routed token once to every rank that owns one of its experts, with its weights
@@ -148,25 +153,29 @@ class AllToAllDispatcher:
         ``reduce_dtype`` (float32 by default, so a token's output is accumulated in float32 as on one
         device; ``None``: in ``x.dtype``, half the combine bytes, as DeepEP sends them)."""
         d = self.dispatch(x, token_mask, weights, indices)
-        partial = experts_on_received_tokens(d, w1, w2, b1, b2, act, comm.partial_dtype(x.dtype, reduce_dtype))
+        partial = experts_on_received_tokens(d.rows, d.probs, d.local_indices, d.num_local_pairs, w1, w2, b1, b2,
+                                             act, comm.partial_dtype(x.dtype, reduce_dtype))
         return self.combine(partial, d).to(x.dtype)
 
 
-def experts_on_received_tokens(d: Dispatched, w1: Tensor, w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor],
+def experts_on_received_tokens(rows: Tensor, probs: Tensor, local_indices: Tensor, num_local_pairs: int,
+                               w1: Tensor, w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor],
                                act: Activation, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """The local experts on the received tokens: ``[N, D]`` partial outputs (each token's local pairs
-    summed in float32, returned in ``out_dtype``, default the rows' dtype).
+    """The local experts on the received tokens ``rows [N, D]`` (their K weights ``probs`` and local
+    expert ids ``local_indices``, -1 elsewhere; ``num_local_pairs`` of them valid): ``[N, D]`` partial
+    outputs (each token's local pairs summed in float32, returned in ``out_dtype``, default the rows'
+    dtype).  Shared by the all-to-all transports (ours and DeepEP's).
 
     The (token, local expert) pairs are gathered into expert order first — exactly the valid pairs,
     so the grouped GEMMs run on no padding rows — then the experts run on them one pair per row."""
-    N, K = d.local_indices.shape
-    everyone = torch.ones(N, dtype=torch.bool, device=d.rows.device)
-    pair_of_row, row_of_pair, _, offsets = moe_ops.route(d.local_indices, everyone, 0, w1.shape[0])
-    P = d.num_local_pairs
-    x_pairs = moe_ops.gather(d.rows, row_of_pair, offsets, None, P)
+    N, K = local_indices.shape
+    everyone = torch.ones(N, dtype=torch.bool, device=rows.device)
+    pair_of_row, row_of_pair, _, offsets = moe_ops.route(local_indices, everyone, 0, w1.shape[0])
+    P = num_local_pairs
+    x_pairs = moe_ops.gather(rows, row_of_pair, offsets, None, P)
     pairs = pair_of_row[:P]
-    probs = permuted_probs(d.probs, pairs).unsqueeze(1)
-    expert = d.local_indices.reshape(-1).index_select(0, pairs).unsqueeze(1)
-    out_pairs = run_local_experts(x_pairs, torch.ones(P, dtype=torch.bool, device=d.rows.device), probs, expert,
+    pair_probs = permuted_probs(probs, pairs).unsqueeze(1)
+    expert = local_indices.reshape(-1).index_select(0, pairs).unsqueeze(1)
+    out_pairs = run_local_experts(x_pairs, torch.ones(P, dtype=torch.bool, device=rows.device), pair_probs, expert,
                                   w1, w2, b1, b2, act, out_dtype=out_dtype)
     return moe_ops.combine(out_pairs, row_of_pair, offsets)

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moe_modules.ep_all_to_all import AllToAllDispatcher, Dispatched, experts_on_received_tokens
+from moe_modules.ep_all_to_all import AllToAllDispatcher, experts_on_received_tokens
 from moe_modules.expert_block import Activation
 
 DEEP_EP_DTYPES = (torch.bfloat16,)
@@ -121,21 +121,22 @@ class _DeepEPCombine(torch.autograd.Function):
         return grad_rows, None
 
 
-_BUFFERS: dict = {}  # (group name, device) -> deep_ep.Buffer, grown when a call needs more bytes
+# (group name, device) -> (deep_ep.Buffer, the row bytes it was sized for); grown when rows get wider.
+_BUFFERS: dict = {}
 
 
 def _buffer_for(group, ep_size: int, hidden_bytes: int, device: torch.device):
-    """One DeepEP buffer per EP group and device (DeepEP's advice), large enough for ``hidden_bytes``
-    rows; creating one is collective, and every rank asks for the same size."""
-    deep_ep = importlib.import_module("deep_ep")
-    Buffer = deep_ep.Buffer
-    need = max(Buffer.get_dispatch_config(ep_size).get_nvl_buffer_size_hint(hidden_bytes, ep_size),
-               Buffer.get_combine_config(ep_size).get_nvl_buffer_size_hint(hidden_bytes, ep_size))
+    """One DeepEP buffer per EP group and device (DeepEP's advice), large enough for rows of
+    ``hidden_bytes``; creating one is collective, and every rank asks for the same size."""
     key = (group.group_name, str(device))
     held = _BUFFERS.get(key)
-    if held is None or held.num_nvl_bytes < need:
-        _BUFFERS[key] = held = Buffer(group, num_nvl_bytes=need)
-    return held
+    if held is not None and held[1] >= hidden_bytes:
+        return held[0]
+    Buffer = importlib.import_module("deep_ep").Buffer
+    need = max(Buffer.get_dispatch_config(ep_size).get_nvl_buffer_size_hint(hidden_bytes, ep_size),
+               Buffer.get_combine_config(ep_size).get_nvl_buffer_size_hint(hidden_bytes, ep_size))
+    _BUFFERS[key] = (Buffer(group, num_nvl_bytes=need), hidden_bytes)
+    return _BUFFERS[key][0]
 
 
 class DeepEPDispatcher:
@@ -143,6 +144,7 @@ class DeepEPDispatcher:
     they support the call, else the all-to-all path (or, with ``require``, an error listing why)."""
 
     def __init__(self, ep_mesh, n_routed_experts: int, require: bool = False):
+        importlib.import_module("deep_ep")  # now, not per call: the per-call check then finds it in sys.modules
         self.fallback = AllToAllDispatcher(ep_mesh, n_routed_experts)
         self.ep_mesh, self.ep_size = ep_mesh, ep_mesh.size()
         self.num_experts, self.require = n_routed_experts, require
@@ -166,7 +168,6 @@ class DeepEPDispatcher:
         topk_idx = torch.where(routed, idx, -1)  # DeepEP: int64, -1 for no selection
         rows, recv_weights, recv_idx = _DeepEPDispatch.apply(x.contiguous(), weights.float(), topk_idx,
                                                              self.num_experts, state)
-        received = Dispatched(rows, recv_weights.to(weights.dtype), recv_idx, state.num_local_pairs,
-                              None, None, None, None)
-        partial = experts_on_received_tokens(received, w1, w2, b1, b2, act, x.dtype)
+        partial = experts_on_received_tokens(rows, recv_weights.to(weights.dtype), recv_idx, state.num_local_pairs,
+                                             w1, w2, b1, b2, act, x.dtype)
         return _DeepEPCombine.apply(partial, state)

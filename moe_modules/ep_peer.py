@@ -42,7 +42,7 @@ from torch import Tensor
 
 import moe_ops
 from moe_modules import _ep_comm as comm
-from moe_modules.ep_all_to_all import metadata_dtype, experts_per_rank, slot_on_rank
+from moe_modules.ep_all_to_all import metadata_dtype, experts_per_rank, route_to_ranks, slot_on_rank
 from moe_modules.expert_block import Activation, run_local_experts
 from moe_ops import _checks
 from moe_ops.ops.peer import MAX_SOURCES
@@ -330,10 +330,8 @@ class PeerDispatcher:
             return PeerLayout(torch.full((0, ep), -1, dtype=torch.int64, device=device),
                               torch.zeros(ep, C, dtype=torch.int64, device=device),
                               torch.zeros(ep, dtype=torch.int64, device=device))
-        ranks = torch.arange(ep, device=device)
-        hits_TR = slot_on_rank(token_mask, indices, self.num_experts, self.experts_per_rank, ep).any(1)
-        # moe.route with the ranks as experts: a stable sort of the (token, rank) pairs by rank.
-        pair_of_row, row_of_pair, counts, ends = moe_ops.route(torch.where(hits_TR, ranks, -1), token_mask, 0, ep)
+        on_rank_TKR = slot_on_rank(token_mask, indices, self.num_experts, self.experts_per_rank, ep)
+        hits_TR, (pair_of_row, row_of_pair, counts, ends) = route_to_ranks(on_rank_TKR, token_mask)
         starts = ends.long() - counts
         pos = torch.where(hits_TR, row_of_pair - starts, -1)
         j = torch.arange(C, device=device)

@@ -17,7 +17,7 @@ from torch import nn
 from moe_modules._params import PARAM_NAMES
 from moe_modules.deepep import GroupedExpertsDeepEP, check_transport_options
 from moe_modules.ep_all_gather import all_gather_experts
-from moe_modules.ep_all_to_all import AllToAllDispatcher
+from moe_modules.ep_all_to_all import AllToAllDispatcher, experts_per_rank
 from moe_modules.ep_deep_ep import DeepEPDispatcher, deep_ep_importable
 from moe_modules.ep_peer import PeerDispatcher
 
@@ -52,10 +52,7 @@ def apply_ep(module: nn.Module, ep_mesh, *, reduce_dtype: Optional[torch.dtype] 
     if ep_mesh.ndim != 1:
         raise ValueError(f"ep_mesh: expected a 1-D DeviceMesh (e.g. mesh['ep']), "
                          f"got a {ep_mesh.ndim}-D mesh of shape {tuple(ep_mesh.shape)}")
-    ep_size = ep_mesh.size()
-    E = module.config.n_routed_experts
-    if E % ep_size:
-        raise ValueError(f"ep_mesh: n_routed_experts={E} must be divisible by the EP size, got ep_size={ep_size}")
+    experts_per_rank(ep_mesh, module.config.n_routed_experts)  # raises when they do not divide
     if max_tokens_per_rank is not None and not isinstance(module, GroupedExpertsDeepEP):
         raise ValueError(f"max_tokens_per_rank: only GroupedExpertsDeepEP takes it (the peer-memory dispatch), "
                          f"got {type(module).__name__}")

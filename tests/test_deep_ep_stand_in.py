@@ -22,10 +22,9 @@ import torch.distributed as dist
 
 import deep_ep_stand_in
 import ep_cases
-from test_distributed import run_world
+from test_distributed import needs_gloo, run_world
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")
+pytestmark = needs_gloo  # the reason is in test_distributed.needs_gloo
 
 HERE = Path(__file__).resolve().parent
 LAUNCH_DEADLINE_S = 120

@@ -30,8 +30,13 @@ import torch.distributed as dist
 import ep_cases
 import reference
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")
+# Every test here spawns CPU ranks that talk over gloo; a torch built without torch.distributed or
+# without gloo (USE_DISTRIBUTED=0 / USE_GLOO=0, e.g. some macOS and Windows wheels) cannot run them.
+needs_gloo = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="this torch build has no torch.distributed gloo backend (dist.is_available() and "
+           "dist.is_gloo_available() are not both True); these tests spawn gloo ranks on CPU")
+pytestmark = needs_gloo
 
 HERE = Path(__file__).resolve().parent
 LAUNCH_DEADLINE_S = 240  # a whole world's sub-cases; gloo's own timeout (ep_cases.GLOO_TIMEOUT_S) is shorter

@@ -13,15 +13,13 @@ import functools
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import ep_cases
 import ep_deep_ep_cases
 import reference
-from test_distributed import HERE, mismatches, run_world
+from test_distributed import HERE, mismatches, needs_gloo, run_world
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")
+pytestmark = needs_gloo  # the reason is in test_distributed.needs_gloo
 BF16_TOL = reference.TOLERANCE[torch.bfloat16]
 
 
