@@ -11,6 +11,8 @@
 #   tests  python -m pytest -q -x on tests/gpu and tests/*_gpu.py (test_te_gpu.py only when TE imports)
 #   check  moe-ops check --device cuda --dtype bfloat16 (every module x activation x bias against float64)
 #   bench  benchmarks/bench_experts.py, every shape x routing x path
+#   host   benchmarks/bench_host.py --profile: host time per call, eager / compiled / reduce-overhead / CUDA graph
+#          against the torch reference path (HOST_ARGS adds arguments, e.g. "--tokens 1,512")
 #   ep     expert parallelism, for each world size N in EP_SIZES (default "2"; the machine needs N GPUs):
 #          torchrun benchmarks/gpu_ep_parity.py --compile-backend inductor, then benchmarks/bench_ep.py --host-costs
 #          (EP_BENCH_ARGS replaces --host-costs, e.g. "--host-costs --profile")
@@ -25,7 +27,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-benchmarks/results/gpu_run}
 mkdir -p "$OUT"
 export OUT
-STEPS=${STEPS:-"env te tests bench plot"}  # add "ep" (and EP_SIZES) on a machine with several GPUs
+STEPS=${STEPS:-"env te tests bench host plot"}  # add "ep" (and EP_SIZES) on a machine with several GPUs
 TOTAL_S=${TOTAL_S:-530}
 START=$SECONDS
 PY=${PYTHON:-python}
@@ -101,6 +103,10 @@ step_bench() {
   $PY benchmarks/bench_experts.py --time-budget "$budget" ${BENCH_ARGS:-}
 }
 
+step_host() {
+  $PY benchmarks/bench_host.py --profile ${HOST_ARGS:-}
+}
+
 step_ep() {
   local rc=0 n
   for n in ${EP_SIZES:-2}; do
@@ -122,7 +128,7 @@ step_plot() {
 }
 
 export PY OUT
-export -f step_env step_te step_tests step_check step_bench step_ep step_plot
+export -f step_env step_te step_tests step_check step_bench step_host step_ep step_plot
 
 want env   && run_step env 60
 want te    && run_step te 200
@@ -130,6 +136,7 @@ want ep    && run_step ep "${EP_CAP_S:-400}"
 want tests && run_step tests 150
 want check && run_step check 90
 want bench && run_step bench 420
+want host  && run_step host "${HOST_CAP_S:-400}"
 want plot  && run_step plot 60
 
 echo

@@ -32,13 +32,17 @@ def tensor(
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {_shape(t)}")
     if dtypes is not None:
-        dtypes = tuple(dtypes)
         if t.dtype not in dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
             raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
 
 
 def size(name: str, actual, expected, what: str = "size") -> None:
+    if type(actual) is int and type(expected) is int and not torch.compiler.is_dynamo_compiling():
+        # eager with plain ints: the cheap check (Dynamo sees a symbolic size as an int here)
+        if actual != expected:
+            raise ValueError(f"{name}: expected {what} {expected}, got {actual}")
+        return
     if torch.compiler.is_dynamo_compiling():
         # torch 2.11's Dynamo cannot trace a message closure at all, so under Dynamo the check
         # carries none; the ops' fakes, traced next, report the values.
@@ -49,6 +53,10 @@ def size(name: str, actual, expected, what: str = "size") -> None:
 
 def between(name: str, actual, low, high, what: str = "size") -> None:
     """``low <= actual <= high``, for plain or symbolic ints."""
+    if type(actual) is int and type(low) is int and type(high) is int and not torch.compiler.is_dynamo_compiling():
+        if not low <= actual <= high:
+            raise ValueError(f"{name}: expected {what} from {low} to {high}, got {actual}")
+        return
     if torch.compiler.is_dynamo_compiling():
         torch._check(actual >= low)
         torch._check(actual <= high)

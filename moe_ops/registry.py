@@ -15,6 +15,10 @@ forced backend that cannot take the inputs raises rather than falling back,
 and when no backend can, the error lists every backend with its reasons.
 The choice is made each time an op runs, so a compiled graph follows the
 current setting without recompiling.
+
+The choice is cached (this is every op call's path): the key is the op, the forced backend, each
+backend's run-time ``state()`` and :func:`input_key` of the arguments — everything the backends'
+reasons may read.  Reasons are computed only on a miss, and again when no backend fits (the error).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Hashable, Iterator, Mapping, Optional, Sequence
+
+import torch
 
 ENV_VAR = "MOE_OPS_BACKEND"
 ALL_OPS = "*"
@@ -41,6 +47,8 @@ class Backend:
     unavailable_reasons: Callable[[], list[str]]
     # Why it cannot take these inputs for this op, given that it is available: [] when it can.
     input_reasons: Callable[[str, tuple], list[str]]
+    # What its availability depends on that can change while the process runs (part of the cache key).
+    state: Optional[Callable[[], Hashable]] = None
 
     def not_supported_reasons(self, op: str, args: tuple = ()) -> list[str]:
         if op not in self.kernels:
@@ -58,6 +66,8 @@ _api_choice: dict[str, str] = {}
 _context_stack: list[dict[str, str]] = []
 _env_cache: tuple[Optional[str], dict[str, str]] = (None, {})
 _order_cache: dict[str, list[str]] = {}
+_choice_cache: dict[tuple, Backend] = {}
+_states: list[Callable[[], Hashable]] = []  # the backends' state() functions, for the choice's cache key
 
 
 def register_backend(backend: Backend, *, priority: int, op_priorities: Optional[Mapping[str, int]] = None) -> None:
@@ -66,7 +76,9 @@ def register_backend(backend: Backend, *, priority: int, op_priorities: Optional
     _priorities[backend.name] = priority
     _op_priorities[backend.name] = dict(op_priorities or {})
     PRIORITY[:] = sorted(_BACKENDS, key=_priorities.__getitem__)
+    _states[:] = [b.state for b in _BACKENDS.values() if b.state is not None]
     _order_cache.clear()
+    _choice_cache.clear()
 
 
 def register_op(name: str) -> None:
@@ -117,7 +129,10 @@ def _env_choice() -> dict[str, str]:
 
 def forced_backend(op: str) -> Optional[str]:
     """The backend forced for ``op`` by context, API or environment, if any."""
-    for layer in (*reversed(_context_stack), _api_choice, _env_choice()):
+    env = _env_choice()
+    if not (_context_stack or _api_choice or env):  # the usual case: nothing forced
+        return None
+    for layer in (*reversed(_context_stack), _api_choice, env):
         for key in (op, ALL_OPS):
             if key in layer:
                 return layer[key]
@@ -155,8 +170,29 @@ def _report(op: str, reasons: Mapping[str, Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def choose(op: str, args: tuple) -> Backend:
-    forced = forced_backend(op)
+_BIG = 2**31
+_CACHE_LIMIT = 4096
+
+
+def _key(a) -> Hashable:
+    if isinstance(a, torch.Tensor):
+        s, n = a.shape, a.numel()
+        # Everything a backend's reasons read: device, dtype, the widths (not the row count), whether it
+        # is empty or has a dimension of 2^31 or more, and the length of a 1-D int32 tensor (offsets: the
+        # number of experts).
+        groups = s[0] if a.dtype is torch.int32 and len(s) == 1 else -1
+        return (a.device, a.dtype, s[1:], n == 0, n >= _BIG and max(s) >= _BIG, groups)
+    if isinstance(a, (list, tuple)):
+        return tuple(_key(x) for x in a)
+    return a
+
+
+def input_key(args: tuple) -> tuple:
+    """What of ``args`` the backends' ``not_supported_reasons`` may depend on (the choice's cache key)."""
+    return tuple(_key(a) for a in args)
+
+
+def _choose_uncached(op: str, args: tuple, forced: Optional[str]) -> Backend:
     if forced is not None:
         backend = _BACKENDS[forced]
         reasons = backend.not_supported_reasons(op, args)
@@ -170,6 +206,17 @@ def choose(op: str, args: tuple) -> Backend:
             return backend
         all_reasons[backend.name] = reasons
     raise NoBackendError(_report(op, all_reasons))
+
+
+def choose(op: str, args: tuple) -> Backend:
+    forced = forced_backend(op)
+    key = (op, forced, tuple(state() for state in _states), input_key(args))
+    backend = _choice_cache.get(key)
+    if backend is None or _BACKENDS.get(backend.name) is not backend:  # a miss, or the backend was replaced
+        if len(_choice_cache) >= _CACHE_LIMIT:  # keys carry int arguments (row counts): keep it bounded
+            _choice_cache.clear()
+        backend = _choice_cache[key] = _choose_uncached(op, args, forced)
+    return backend
 
 
 def call(op: str, *args):

@@ -47,12 +47,25 @@ CPU_ONLY_REFERENCE = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1
                                         reason="TRITON_INTERPRET=1 lets triton run on the CPU")
 
 
+CPU_BACKEND_OPS = set(registry.get_backend("cpu").kernels)  # the GEMMs and the fused ops
+
+
 @CPU_ONLY_REFERENCE
-def test_default_on_cpu_is_reference(routed_variant, mixed_routing, op_args):
+def test_default_on_cpu(routed_variant, mixed_routing, op_args):
+    """The GEMMs go to the ``cpu`` backend (torch._grouped_mm over the valid rows), the rest to the reference."""
     op, variant = routed_variant
     args = cpu_args(op_args(mixed_routing, torch.bfloat16, torch.bfloat16), op, **variant)
     assert registry.forced_backend(op) is None
-    assert registry.choose(op, args).name == "reference"
+    assert registry.choose(op, args).name == ("cpu" if op in CPU_BACKEND_OPS else "reference")
+
+
+@CPU_ONLY_REFERENCE
+def test_cpu_backend_leaves_float64_and_odd_widths_to_the_reference(op_args, mixed_routing):
+    for dtype, widths in ((torch.float64, None), (torch.float32, (3, 2))):
+        kw = {} if widths is None else {"widths": widths}
+        args = cpu_args(op_args(mixed_routing, dtype, dtype, **kw), "grouped_mm")
+        assert registry.choose("grouped_mm", args).name == "reference"
+        assert registry.get_backend("cpu").not_supported_reasons("grouped_mm", args)
 
 
 @CPU_ONLY_REFERENCE
@@ -182,9 +195,10 @@ def test_unknown_names_in_environment_raise_value_error(spec, gemm_args, monkeyp
 
 
 def test_no_backend_at_all_lists_every_backend_with_reasons(gemm_args, monkeypatch):
-    declining = dataclasses.replace(registry.get_backend("reference"),
-                                    input_reasons=lambda op, args: ["declines for this test"])
-    monkeypatch.setitem(registry._BACKENDS, "reference", declining)
+    for name in ("cpu", "reference"):  # the two that take CPU float32 GEMMs
+        declining = dataclasses.replace(registry.get_backend(name),
+                                        input_reasons=lambda op, args: ["declines for this test"])
+        monkeypatch.setitem(registry._BACKENDS, name, declining)
     with pytest.raises(moe_ops.NoBackendError) as err:
         run("grouped_mm", gemm_args)
     message = str(err.value)

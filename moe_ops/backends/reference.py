@@ -224,7 +224,7 @@ def put_to(rows, dests):
         dest.copy_(block)
 
 
-def sum_from(sources, row, out_dtype):
+def sum_from(sources, row, out_dtype=None):
     acc = torch.zeros(row.shape[0], sources[0].shape[1], dtype=_acc(sources[0].dtype), device=row.device)
     for s, src in enumerate(sources):
         acc += _rows_or_zeros(src, row[:, s], row[:, s] >= 0).to(acc.dtype)

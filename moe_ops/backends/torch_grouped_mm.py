@@ -3,17 +3,21 @@
 Taken only where it has its fast path (CUTLASS, no host sync): CUDA sm90 or
 sm100 with bfloat16 and 16-byte-aligned rows.  Elsewhere ``torch._grouped_mm``
 falls back to a per-expert loop that copies the offsets to the host, so this
-backend declines and the registry moves on.
+backend declines and the registry moves on (on the CPU, to the ``cpu`` backend).
 
 It also runs the fused ops (``expert_up``, ``expert_down`` and their backwards)
 as their step-by-step composition (``moe_ops/ops/fused_composition.py``): its own
-GEMMs, and ``torch.ops.moe.*`` for the other steps, which go to their best backend.
+GEMMs, and for the other steps the kernel the registry picks for them (a kernel, not
+an op: no second dispatch or validation inside an op that has validated its inputs).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from moe_ops import registry
 from moe_ops.ops import fused_composition
 from moe_ops.registry import Backend
 
@@ -31,7 +35,7 @@ def grouped_mm(a, b, offsets):
     Taking the tail into the last group instead would make CUTLASS multiply it: no extra pass, but
     when most rows are tail (the static-shape expert-parallel receiver) that is most of the FLOPs."""
     out = _grouped_mm_any_tail(a, b, offsets)
-    torch.ops.moe.clear_tail_(out, offsets)
+    registry.call("clear_tail_", out, offsets)
     return out
 
 
@@ -54,7 +58,7 @@ def _grouped_mm_any_tail(a, b, offsets):
 
 
 class _Steps:
-    """The fused ops' GEMMs on CUTLASS; every other step through its op (torch.ops.moe.*, resolved when called).
+    """The fused ops' GEMMs on CUTLASS; every other step on the kernel the registry picks for it.
     See fused_composition.py for which GEMM outputs need zero rows past the last group."""
 
     grouped_mm = staticmethod(grouped_mm)
@@ -62,7 +66,7 @@ class _Steps:
     grouped_mm_wgrad = staticmethod(grouped_mm_wgrad)
 
     def __getattr__(self, name):
-        return getattr(torch.ops.moe, name)
+        return functools.partial(registry.call, name)
 
 
 # The operands of the GEMMs each op runs: (rows operand, weight) positions in its arguments.

@@ -111,13 +111,18 @@ def _direct_launches():
     return switch(False) if switch is not None else contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=None)
+def _bodies() -> dict:
+    importlib.import_module(_KERNELS_MODULE)  # imports triton, registers torch.ops.moe_triton.*
+    return sys.modules[_KERNELS_MODULE + "._common"].BODIES
+
+
 def _kernel(op: str):
     def run(*args):
-        importlib.import_module(_KERNELS_MODULE)  # imports triton, registers torch.ops.moe_triton.*
         # The body of torch.ops.moe_triton.<op>, called directly: we are inside an opaque moe:: op
         # already, and a second custom-op dispatch only costs host time (_common.BODIES).
         with _direct_launches():
-            return sys.modules[_KERNELS_MODULE + "._common"].BODIES[op](*args)
+            return _bodies()[op](*args)
 
     run.__name__ = run.__qualname__ = op
     return run
@@ -129,4 +134,5 @@ BACKEND = Backend(
     kernels={op: _kernel(op) for op in OPS},
     unavailable_reasons=_unavailable,
     input_reasons=_input_reasons,
+    state=lambda: (os.environ.get("TRITON_INTERPRET"), _loaded_interpreted()),
 )

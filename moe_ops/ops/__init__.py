@@ -1,6 +1,6 @@
 """The ``moe`` custom ops, one file per step of the expert block.
 
-Each file defines its op(s) with ``torch.library.custom_op`` (the real
-implementation asks the registry for a kernel), the fake right beside it, the
-autograd formula, and a short public wrapper with the docstring.
+Each file defines its op(s) with :func:`moe_ops._library.define` (schema, a kernel that validates
+and asks the registry for a backend, the fake, the autograd formula) and a short public wrapper
+with the docstring.
 """

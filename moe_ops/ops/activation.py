@@ -21,11 +21,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moe_ops import _checks, registry
+from moe_ops import _checks
+from moe_ops._library import define
 from moe_ops.ops import activation_second_order
-
-registry.register_op("activation")
-registry.register_op("activation_backward")
 
 # name -> whether the first GEMM carries gate and up (width 2I) or up alone (width I)
 GATED = {"swiglu": True, "quick_geglu": True, "relu2": False}
@@ -36,7 +34,7 @@ def check_activation(name) -> None:
         raise ValueError(f"activation: expected one of {sorted(GATED)}, got {name!r}")
 
 
-def _validate(h: Tensor, probs: Optional[Tensor], kind: str) -> None:
+def _validate(h: Tensor, probs: Optional[Tensor], kind: str, *params) -> None:
     check_activation(kind)
     _checks.tensor("h", h, dim=2, dtypes=_checks.FLOAT_DTYPES)
     if GATED[kind]:
@@ -49,7 +47,7 @@ def _out_width(h: Tensor, kind: str):
     return h.shape[1] // 2 if GATED[kind] else h.shape[1]
 
 
-def _validate_backward(grad: Tensor, h: Tensor, probs: Optional[Tensor], kind: str) -> None:
+def _validate_backward(grad: Tensor, h: Tensor, probs: Optional[Tensor], kind: str, *params) -> None:
     _validate(h, probs, kind)
     _checks.tensor("grad", grad, dim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.size("grad", grad.shape[0], h.shape[0], "number of rows (dim 0 of h)")
@@ -57,31 +55,11 @@ def _validate_backward(grad: Tensor, h: Tensor, probs: Optional[Tensor], kind: s
     _checks.same_device(h=h, grad=grad)
 
 
-@torch.library.custom_op("moe::activation", mutates_args=())
-def _activation(
-    h: Tensor, probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float], linear_offset: float
-) -> Tensor:
-    _validate(h, probs, kind)
-    return registry.call("activation", h, probs, kind, alpha, limit, linear_offset)
-
-
-@_activation.register_fake
-def _(h, probs, kind, alpha, limit, linear_offset):
-    _validate(h, probs, kind)
+def _fake(h, probs, kind, alpha, limit, linear_offset):
     return h.new_empty(h.shape[0], _out_width(h, kind))
 
 
-@torch.library.custom_op("moe::activation_backward", mutates_args=())
-def _activation_backward(
-    grad: Tensor, h: Tensor, probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float], linear_offset: float
-) -> tuple[Tensor, Tensor]:
-    _validate_backward(grad, h, probs, kind)
-    return registry.call("activation_backward", grad, h, probs, kind, alpha, limit, linear_offset)
-
-
-@_activation_backward.register_fake
-def _(grad, h, probs, kind, alpha, limit, linear_offset):
-    _validate_backward(grad, h, probs, kind)
+def _backward_fake(grad, h, probs, kind, alpha, limit, linear_offset):
     grad_probs = h.new_empty(0, dtype=torch.float32) if probs is None else torch.empty_like(probs)
     return torch.empty_like(h, memory_format=torch.contiguous_format), grad_probs
 
@@ -98,11 +76,15 @@ def _backward(ctx, grad):
     return grad_h, grad_probs if probs is not None else None, None, None, None, None
 
 
-_activation.register_autograd(_backward, setup_context=_setup)
-# Double backward (gradient penalties, Hessian-vector products, opcheck's aot_dispatch test).
-_activation_backward.register_autograd(
-    activation_second_order.double_backward, setup_context=activation_second_order.setup_double_backward
-)
+_activation = define(
+    "activation(Tensor h, Tensor? probs, str kind, float alpha, float? limit, float linear_offset) -> Tensor",
+    validate=_validate, fake=_fake, backward=_backward, setup_context=_setup)
+# Its backward has a backward too (gradient penalties, Hessian-vector products, opcheck's aot_dispatch test).
+_activation_backward = define(
+    "activation_backward(Tensor grad, Tensor h, Tensor? probs, str kind, float alpha, float? limit,"
+    " float linear_offset) -> (Tensor, Tensor)",
+    validate=_validate_backward, fake=_backward_fake, backward=activation_second_order.double_backward,
+    setup_context=activation_second_order.setup_double_backward)
 
 
 def activation(
@@ -114,7 +96,7 @@ def activation(
     linear_offset: float = 1.0,
 ) -> Tensor:
     """``act(h) * probs`` (see the module docstring); ``alpha``, ``limit``, ``linear_offset`` are quick_geglu's."""
-    return torch.ops.moe.activation(h, probs, kind, float(alpha), None if limit is None else float(limit), float(linear_offset))
+    return _activation(h, probs, kind, float(alpha), None if limit is None else float(limit), float(linear_offset))
 
 
 def activation_backward(
@@ -127,4 +109,4 @@ def activation_backward(
     linear_offset: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`activation`: ``grad_h`` (like ``h``) and ``grad_probs`` (like ``probs``; empty when None)."""
-    return torch.ops.moe.activation_backward(grad, h, probs, kind, alpha, limit, linear_offset)
+    return _activation_backward(grad, h, probs, kind, alpha, limit, linear_offset)

@@ -12,10 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moe_ops import _checks, registry
-
-registry.register_op("add_expert_bias")
-registry.register_op("expert_bias_backward")
+from moe_ops import _checks
+from moe_ops._library import define
 
 
 def _validate(h: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor]) -> None:
@@ -27,29 +25,11 @@ def _validate(h: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor])
     _checks.same_device(h=h, bias=bias, offsets=offsets, probs=probs)
 
 
-@torch.library.custom_op("moe::add_expert_bias", mutates_args=())
-def _add_expert_bias(h: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor]) -> Tensor:
-    _validate(h, bias, offsets, probs)
-    return registry.call("add_expert_bias", h, bias, offsets, probs)
-
-
-@_add_expert_bias.register_fake
-def _(h, bias, offsets, probs):
-    _validate(h, bias, offsets, probs)
+def _add_fake(h, bias, offsets, probs):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("moe::expert_bias_backward", mutates_args=())
-def _expert_bias_backward(
-    grad: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor]
-) -> tuple[Tensor, Tensor]:
-    _validate(grad, bias, offsets, probs)
-    return registry.call("expert_bias_backward", grad, bias, offsets, probs)
-
-
-@_expert_bias_backward.register_fake
-def _(grad, bias, offsets, probs):
-    _validate(grad, bias, offsets, probs)
+def _backward_fake(grad, bias, offsets, probs):
     grad_probs = grad.new_empty(0, dtype=torch.float32) if probs is None else torch.empty_like(probs)
     return torch.empty_like(bias, memory_format=torch.contiguous_format), grad_probs
 
@@ -64,9 +44,6 @@ def _backward(ctx, grad):
     grad = grad.contiguous()
     grad_bias, grad_probs = expert_bias_backward(grad, bias, offsets, probs)
     return grad, grad_bias, None, grad_probs if probs is not None else None
-
-
-_add_expert_bias.register_autograd(_backward, setup_context=_setup)
 
 
 def _bias_backward_setup(ctx, inputs, output):
@@ -91,7 +68,11 @@ def _bias_double_backward(ctx, gg_bias, gg_probs):
     return d_grad, d_bias, None, d_probs
 
 
-_expert_bias_backward.register_autograd(_bias_double_backward, setup_context=_bias_backward_setup)
+_add_expert_bias = define("add_expert_bias(Tensor h, Tensor bias, Tensor offsets, Tensor? probs) -> Tensor",
+                          validate=_validate, fake=_add_fake, backward=_backward, setup_context=_setup)
+_expert_bias_backward = define(
+    "expert_bias_backward(Tensor grad, Tensor bias, Tensor offsets, Tensor? probs) -> (Tensor, Tensor)",
+    validate=_validate, fake=_backward_fake, backward=_bias_double_backward, setup_context=_bias_backward_setup)
 
 
 def add_expert_bias(h: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor] = None) -> Tensor:
@@ -99,7 +80,7 @@ def add_expert_bias(h: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Te
 
     Computed in float32, rounded once to ``h.dtype``.
     """
-    return torch.ops.moe.add_expert_bias(h, bias, offsets, probs)
+    return _add_expert_bias(h, bias, offsets, probs)
 
 
 def expert_bias_backward(
@@ -111,4 +92,4 @@ def expert_bias_backward(
     ``grad_probs``: ``<grad[r], bias[g(r)]>`` shaped like ``probs`` (0 past the last group),
     or an empty float32 tensor when ``probs`` is None.
     """
-    return torch.ops.moe.expert_bias_backward(grad, bias, offsets, probs)
+    return _expert_bias_backward(grad, bias, offsets, probs)

@@ -30,12 +30,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moe_ops import _checks, registry
+from moe_ops import _checks
+from moe_ops._library import define
 from moe_ops.ops import fused_second_order
 from moe_ops.ops.activation import GATED, check_activation
-
-for _op in ("expert_up", "expert_up_backward", "expert_down", "expert_down_backward"):
-    registry.register_op(_op)
 
 
 def _validate_routing(pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor, experts) -> None:
@@ -46,7 +44,7 @@ def _validate_routing(pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor,
     _checks.offsets("offsets", offsets, experts)
 
 
-def _validate_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind) -> None:
+def _validate_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, *params) -> None:
     check_activation(kind)
     _checks.tensor("x", x, dim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("w1", w1, dim=3)
@@ -98,39 +96,19 @@ def _empty_grads(like: Tensor, bias: Optional[Tensor], probs: Optional[Tensor]) 
 # ---- expert_up --------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moe::expert_up", mutates_args=())
-def _expert_up(
-    x: Tensor, pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor, w1: Tensor, b1: Optional[Tensor],
-    probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float], linear_offset: float,
-) -> tuple[Tensor, Tensor]:
-    _validate_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind)
-    return registry.call("expert_up", x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit,
-                         linear_offset)
-
-
-@_expert_up.register_fake
-def _(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset):
-    _validate_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind)
+def _up_fake(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset):
     M = pair_of_row.shape[0]
     return x.new_empty(M, _up_width(w1, kind)), x.new_empty(M, w1.shape[2])
 
 
-@torch.library.custom_op("moe::expert_up_backward", mutates_args=())
-def _expert_up_backward(
-    grad_a: Tensor, x: Tensor, h: Tensor, pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor, w1: Tensor,
-    b1: Optional[Tensor], probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float],
-    linear_offset: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _validate_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind)
-    return registry.call("expert_up_backward", grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs,
-                         kind, alpha, limit, linear_offset)
-
-
-@_expert_up_backward.register_fake
-def _(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset):
+def _validate_up_backward(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, *params):
     _validate_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind)
     _checks.tensor("grad_a", grad_a, dim=2)
     _checks.tensor("h", h, dim=2)
+
+
+def _up_backward_fake(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit,
+                      linear_offset):
     return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(w1),
             *_empty_grads(x, b1, probs))
 
@@ -158,41 +136,31 @@ def _up_backward(ctx, grad_a, grad_h):
             grad_probs if probs is not None else None, None, None, None, None)
 
 
-_expert_up.register_autograd(_up_backward, setup_context=_up_setup)
-_expert_up_backward.register_autograd(fused_second_order.up_double_backward, setup_context=fused_second_order.up_setup)
+_expert_up = define(
+    "expert_up(Tensor x, Tensor pair_of_row, Tensor row_of_pair, Tensor offsets, Tensor w1, Tensor? b1,"
+    " Tensor? probs, str kind, float alpha, float? limit, float linear_offset) -> (Tensor, Tensor)",
+    validate=_validate_up, fake=_up_fake, backward=_up_backward, setup_context=_up_setup)
+_expert_up_backward = define(
+    "expert_up_backward(Tensor grad_a, Tensor x, Tensor h, Tensor pair_of_row, Tensor row_of_pair,"
+    " Tensor offsets, Tensor w1, Tensor? b1, Tensor? probs, str kind, float alpha, float? limit,"
+    " float linear_offset) -> (Tensor, Tensor, Tensor, Tensor)",
+    validate=_validate_up_backward, fake=_up_backward_fake, backward=fused_second_order.up_double_backward,
+    setup_context=fused_second_order.up_setup)
 
 
 # ---- expert_down ------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moe::expert_down", mutates_args=())
-def _expert_down(
-    a: Tensor, w2: Tensor, b2: Optional[Tensor], probs: Optional[Tensor], pair_of_row: Tensor, row_of_pair: Tensor,
-    offsets: Tensor, out_dtype: Optional[torch.dtype],
-) -> Tensor:
-    _validate_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype)
-    return registry.call("expert_down", a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype)
-
-
-@_expert_down.register_fake
-def _(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype):
-    _validate_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype)
+def _down_fake(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype):
     return a.new_empty(row_of_pair.shape[0], w2.shape[2], dtype=out_dtype or a.dtype)
 
 
-@torch.library.custom_op("moe::expert_down_backward", mutates_args=())
-def _expert_down_backward(
-    grad_y: Tensor, a: Tensor, w2: Tensor, b2: Optional[Tensor], probs: Optional[Tensor], pair_of_row: Tensor,
-    row_of_pair: Tensor, offsets: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _validate_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets)
-    return registry.call("expert_down_backward", grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, offsets)
-
-
-@_expert_down_backward.register_fake
-def _(grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, offsets):
+def _validate_down_backward(grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, offsets):
     _validate_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets)
     _checks.tensor("grad_y", grad_y, dim=2)
+
+
+def _down_backward_fake(grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, offsets):
     grad_b2, grad_probs = _empty_grads(a, b2, probs if b2 is not None else None)
     return torch.empty_like(a, memory_format=torch.contiguous_format), torch.empty_like(w2), grad_b2, grad_probs
 
@@ -214,9 +182,15 @@ def _down_backward(ctx, grad_y):
             None, None, None, None)
 
 
-_expert_down.register_autograd(_down_backward, setup_context=_down_setup)
-_expert_down_backward.register_autograd(fused_second_order.down_double_backward,
-                                        setup_context=fused_second_order.down_setup)
+_expert_down = define(
+    "expert_down(Tensor a, Tensor w2, Tensor? b2, Tensor? probs, Tensor pair_of_row, Tensor row_of_pair,"
+    " Tensor offsets, ScalarType? out_dtype) -> Tensor",
+    validate=_validate_down, fake=_down_fake, backward=_down_backward, setup_context=_down_setup)
+_expert_down_backward = define(
+    "expert_down_backward(Tensor grad_y, Tensor a, Tensor w2, Tensor? b2, Tensor? probs, Tensor pair_of_row,"
+    " Tensor row_of_pair, Tensor offsets) -> (Tensor, Tensor, Tensor, Tensor)",
+    validate=_validate_down_backward, fake=_down_backward_fake, backward=fused_second_order.down_double_backward,
+    setup_context=fused_second_order.down_setup)
 
 
 # ---- public wrappers ----------------------------------------------------------------------
@@ -241,7 +215,7 @@ def expert_up(
     ``x [T, D]``, ``w1 [E, D, C]`` (C = 2I gated, I for relu2), ``b1 [E, C]``, ``probs [M]`` or ``[M, 1]``;
     ``alpha``, ``limit``, ``linear_offset`` are quick_geglu's.  ``h`` is returned for the backward.
     """
-    return torch.ops.moe.expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, float(alpha),
+    return _expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, float(alpha),
                                    None if limit is None else float(limit), float(linear_offset))
 
 
@@ -260,19 +234,19 @@ def expert_down(
 
     The rows are rounded to ``a.dtype``; the sum is returned in ``out_dtype`` (default ``a.dtype``;
     float32 keeps expert-parallel partial sums unrounded)."""
-    return torch.ops.moe.expert_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype)
+    return _expert_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype)
 
 
 def expert_up_backward(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit,
                        linear_offset) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`expert_up`: ``grad_x``, ``grad_w1``, ``grad_b1`` and ``grad_probs``
     (the last two empty when ``b1`` / ``probs`` is None)."""
-    return torch.ops.moe.expert_up_backward(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind,
-                                            alpha, limit, linear_offset)
+    return _expert_up_backward(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit,
+                               linear_offset)
 
 
 def expert_down_backward(grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, offsets
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`expert_down`: ``grad_a``, ``grad_w2``, ``grad_b2`` and ``grad_probs``
     (the bias term's; both empty when ``b2`` is None, ``grad_probs`` also when ``probs`` is)."""
-    return torch.ops.moe.expert_down_backward(grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, offsets)
+    return _expert_down_backward(grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, offsets)

@@ -11,10 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_ops import _checks, registry
-
-registry.register_op("grouped_mm")
-registry.register_op("grouped_mm_wgrad")
+from moe_ops import _checks
+from moe_ops._library import define
 
 
 def _validate_mm(a: Tensor, b: Tensor, offsets: Tensor) -> None:
@@ -35,27 +33,11 @@ def _validate_wgrad(a: Tensor, grad: Tensor, offsets: Tensor) -> None:
     _checks.same_device(a=a, grad=grad, offsets=offsets)
 
 
-@torch.library.custom_op("moe::grouped_mm", mutates_args=())
-def _grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
-    _validate_mm(a, b, offsets)
-    return registry.call("grouped_mm", a, b, offsets)
-
-
-@_grouped_mm.register_fake
-def _(a, b, offsets):
-    _validate_mm(a, b, offsets)
+def _mm_fake(a, b, offsets):
     return a.new_empty(a.shape[0], b.shape[2])
 
 
-@torch.library.custom_op("moe::grouped_mm_wgrad", mutates_args=())
-def _grouped_mm_wgrad(a: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
-    _validate_wgrad(a, grad, offsets)
-    return registry.call("grouped_mm_wgrad", a, grad, offsets)
-
-
-@_grouped_mm_wgrad.register_fake
-def _(a, grad, offsets):
-    _validate_wgrad(a, grad, offsets)
+def _wgrad_fake(a, grad, offsets):
     return a.new_empty(offsets.shape[0], a.shape[1], grad.shape[1])
 
 
@@ -81,24 +63,23 @@ def _wgrad_backward(ctx, grad_w):
     return grad_a, grad_d, None
 
 
-_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_setup)
-_grouped_mm_wgrad.register_autograd(_wgrad_backward, setup_context=_setup)
+_grouped_mm = define("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor", validate=_validate_mm,
+                     fake=_mm_fake, backward=_grouped_mm_backward, setup_context=_setup)
+_grouped_mm_wgrad = define("grouped_mm_wgrad(Tensor a, Tensor grad, Tensor offsets) -> Tensor",
+                           validate=_validate_wgrad, fake=_wgrad_fake, backward=_wgrad_backward, setup_context=_setup)
 
 
 def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     """``[M, K] x [G, K, N] -> [M, N]``: each group's rows times its own matrix; rows past ``offsets[-1]`` are 0."""
-    return torch.ops.moe.grouped_mm(a, b, offsets)
+    return _grouped_mm(a, b, offsets)
 
 
 def grouped_mm_wgrad(a: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
     """``[M, K]^T [M, N] -> [G, K, N]``: per group ``a_g^T @ grad_g`` (the weight gradient); empty groups give 0."""
-    return torch.ops.moe.grouped_mm_wgrad(a, grad, offsets)
+    return _grouped_mm_wgrad(a, grad, offsets)
 
 
 # ---- clear_tail_: zero the rows past the last group, in place ------------------------------------
-
-registry.register_op("clear_tail_")
-
 
 def _validate_clear_tail(rows: Tensor, offsets: Tensor) -> None:
     _checks.tensor("rows", rows, dim=2, dtypes=_checks.FLOAT_DTYPES)
@@ -106,15 +87,8 @@ def _validate_clear_tail(rows: Tensor, offsets: Tensor) -> None:
     _checks.same_device(rows=rows, offsets=offsets)
 
 
-@torch.library.custom_op("moe::clear_tail_", mutates_args=("rows",))
-def _clear_tail_(rows: Tensor, offsets: Tensor) -> None:
-    _validate_clear_tail(rows, offsets)
-    registry.call("clear_tail_", rows, offsets)
-
-
-@_clear_tail_.register_fake
-def _(rows, offsets):
-    _validate_clear_tail(rows, offsets)
+_clear_tail_ = define("clear_tail_(Tensor(a0!) rows, Tensor offsets) -> ()", validate=_validate_clear_tail,
+                      fake=lambda rows, offsets: None)
 
 
 def clear_tail_(rows: Tensor, offsets: Tensor) -> Tensor:
@@ -123,5 +97,5 @@ def clear_tail_(rows: Tensor, offsets: Tensor) -> Tensor:
     For a GEMM that computed only its groups' rows (CUTLASS leaves the others unwritten).  The
     Triton kernel touches only those rows, so the cost follows the tail, not ``M``: expert
     parallelism with static shapes hands the expert block mostly tail rows."""
-    torch.ops.moe.clear_tail_(rows, offsets)
+    _clear_tail_(rows, offsets)
     return rows

@@ -25,10 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moe_ops import _checks, registry
-
-for _op in ("gather_from", "sum_from", "put_to"):
-    registry.register_op(_op)
+from moe_ops import _checks
+from moe_ops._library import define
 
 MAX_SOURCES = 8  # one GPU host; the Triton kernels take each source as its own pointer argument
 
@@ -56,7 +54,7 @@ def _validate_gather_from(sources, index, counts) -> None:
         _checks.same_device(sources=sources[0], **{f"index[{s}]": idx, f"counts[{s}]": cnt})
 
 
-def _validate_sum_from(sources, row, out_dtype) -> None:
+def _validate_sum_from(sources, row, out_dtype=None) -> None:
     _validate_sources(sources)
     _checks.tensor("row", row, dim=2, dtypes=(torch.int32, torch.int64))
     _checks.size("row", row.shape[1], len(sources), "one column per source (dim 1)")
@@ -68,16 +66,12 @@ def _validate_sum_from(sources, row, out_dtype) -> None:
 # ---- gather_from ----------------------------------------------------------------------
 
 
-@torch.library.custom_op("moe::gather_from", mutates_args=())
-def _gather_from(sources: list[Tensor], index: list[Tensor], counts: list[Tensor]) -> Tensor:
-    _validate_gather_from(sources, index, counts)
-    return registry.call("gather_from", sources, index, counts)
-
-
-@_gather_from.register_fake
-def _(sources, index, counts):
-    _validate_gather_from(sources, index, counts)
+def _gather_from_fake(sources, index, counts):
     return sources[0].new_empty(len(index) * index[0].shape[0], sources[0].shape[1])
+
+
+_gather_from = define("gather_from(Tensor[] sources, Tensor[] index, Tensor[] counts) -> Tensor",
+                      validate=_validate_gather_from, fake=_gather_from_fake)
 
 
 def gather_from(sources: list[Tensor], index: list[Tensor], counts: list[Tensor]) -> Tensor:
@@ -89,22 +83,18 @@ def gather_from(sources: list[Tensor], index: list[Tensor], counts: list[Tensor]
     reads nothing); ``counts``: one int tensor ``[1]`` per source.  Returns ``[S*C, D]`` in the
     sources' dtype.
     """
-    return torch.ops.moe.gather_from(sources, index, counts)
+    return _gather_from(sources, index, counts)
 
 
 # ---- sum_from -------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moe::sum_from", mutates_args=())
-def _sum_from(sources: list[Tensor], row: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    _validate_sum_from(sources, row, out_dtype)
-    return registry.call("sum_from", sources, row, out_dtype)
-
-
-@_sum_from.register_fake
-def _(sources, row, out_dtype=None):
-    _validate_sum_from(sources, row, out_dtype)
+def _sum_from_fake(sources, row, out_dtype=None):
     return sources[0].new_empty(row.shape[0], sources[0].shape[1], dtype=out_dtype or sources[0].dtype)
+
+
+_sum_from = define("sum_from(Tensor[] sources, Tensor row, ScalarType? out_dtype=None) -> Tensor",
+                   validate=_validate_sum_from, fake=_sum_from_fake)
 
 
 def sum_from(sources: list[Tensor], row: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -115,7 +105,7 @@ def sum_from(sources: list[Tensor], row: Tensor, out_dtype: Optional[torch.dtype
     Returns ``[T, D]`` in ``out_dtype`` (default the sources' dtype), accumulated in float32
     (float64 for float64) in source order and rounded once; a token with no row gets zeros.
     """
-    return torch.ops.moe.sum_from(sources, row, out_dtype)
+    return _sum_from(sources, row, out_dtype)
 
 
 # ---- put_to ---------------------------------------------------------------------------
@@ -133,19 +123,12 @@ def _validate_put_to(rows, dests) -> None:
     _checks.same_device(rows=rows, dests=dests[0])
 
 
-@torch.library.custom_op("moe::put_to", mutates_args=("dests",))
-def _put_to(rows: Tensor, dests: list[Tensor]) -> None:
-    _validate_put_to(rows, dests)
-    registry.call("put_to", rows, dests)
-
-
-@_put_to.register_fake
-def _(rows, dests):
-    _validate_put_to(rows, dests)
+_put_to = define("put_to(Tensor rows, Tensor(a1!)[] dests) -> ()", validate=_validate_put_to,
+                 fake=lambda rows, dests: None)
 
 
 def put_to(rows: Tensor, dests: list[Tensor]) -> None:
     """Write block ``s`` of ``rows [S*C, D]`` into ``dests[s] [C, D]``, in place, for every ``s``.
 
     ``dests``: 1 to 8 tensors of one shape and dtype, typically views of other GPUs' buffers."""
-    torch.ops.moe.put_to(rows, dests)
+    _put_to(rows, dests)

@@ -20,10 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moe_ops import _checks, registry
-
-for _op in ("gather", "combine", "pair_dot"):
-    registry.register_op(_op)
+from moe_ops import _checks
+from moe_ops._library import define
 
 
 def _validate_common(rows_name, rows, row_of_pair, offsets, weights=None):
@@ -61,16 +59,7 @@ def _validate_pair_dot(a, rows, row_of_pair, offsets):
 # ---- gather ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moe::gather", mutates_args=())
-def _gather(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor],
-            num_rows: Optional[int] = None) -> Tensor:
-    _validate_gather(x, row_of_pair, offsets, weights, num_rows)
-    return registry.call("gather", x, row_of_pair, offsets, weights, num_rows)
-
-
-@_gather.register_fake
-def _(x, row_of_pair, offsets, weights, num_rows=None):
-    _validate_gather(x, row_of_pair, offsets, weights, num_rows)
+def _gather_fake(x, row_of_pair, offsets, weights, num_rows=None):
     return x.new_empty(_rows_of(row_of_pair, num_rows), x.shape[1])
 
 
@@ -89,7 +78,8 @@ def _gather_backward(ctx, grad_rows):
     return grad_x, None, None, grad_w, None
 
 
-_gather.register_autograd(_gather_backward, setup_context=_gather_setup)
+_gather = define("gather(Tensor x, Tensor row_of_pair, Tensor offsets, Tensor? weights, SymInt? num_rows=None) -> Tensor",
+                 validate=_validate_gather, fake=_gather_fake, backward=_gather_backward, setup_context=_gather_setup)
 
 
 def gather(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor] = None,
@@ -99,21 +89,13 @@ def gather(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Te
     ``x [T, D]`` -> ``[T*K, D]`` in ``x.dtype`` (weights applied in float32, rounded once), or only
     the first ``num_rows`` rows (``<= T*K``; pairs whose row is past them are dropped).
     """
-    return torch.ops.moe.gather(x, row_of_pair, offsets, weights, num_rows)
+    return _gather(x, row_of_pair, offsets, weights, num_rows)
 
 
 # ---- combine --------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moe::combine", mutates_args=())
-def _combine(rows: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor]) -> Tensor:
-    _validate_combine(rows, row_of_pair, offsets, weights)
-    return registry.call("combine", rows, row_of_pair, offsets, weights)
-
-
-@_combine.register_fake
-def _(rows, row_of_pair, offsets, weights):
-    _validate_combine(rows, row_of_pair, offsets, weights)
+def _combine_fake(rows, row_of_pair, offsets, weights):
     return rows.new_empty(row_of_pair.shape[0], rows.shape[1])
 
 
@@ -135,7 +117,9 @@ def _combine_backward(ctx, grad_y):
     return grad_rows, None, None, grad_w
 
 
-_combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+_combine = define("combine(Tensor rows, Tensor row_of_pair, Tensor offsets, Tensor? weights) -> Tensor",
+                  validate=_validate_combine, fake=_combine_fake, backward=_combine_backward,
+                  setup_context=_combine_setup)
 
 
 def combine(rows: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
@@ -144,21 +128,13 @@ def combine(rows: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optiona
     ``rows [M, D]`` (``M = T*K``, or fewer: pairs whose row is ``>= M`` are not valid) -> ``[T, D]``
     in ``rows.dtype``, accumulated in float32 in slot order (deterministic).
     """
-    return torch.ops.moe.combine(rows, row_of_pair, offsets, weights)
+    return _combine(rows, row_of_pair, offsets, weights)
 
 
 # ---- pair_dot -------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moe::pair_dot", mutates_args=())
-def _pair_dot(a: Tensor, rows: Tensor, row_of_pair: Tensor, offsets: Tensor) -> Tensor:
-    _validate_pair_dot(a, rows, row_of_pair, offsets)
-    return registry.call("pair_dot", a, rows, row_of_pair, offsets)
-
-
-@_pair_dot.register_fake
-def _(a, rows, row_of_pair, offsets):
-    _validate_pair_dot(a, rows, row_of_pair, offsets)
+def _pair_dot_fake(a, rows, row_of_pair, offsets):
     return a.new_empty(row_of_pair.shape, dtype=torch.float64 if a.dtype == torch.float64 else torch.float32)
 
 
@@ -176,7 +152,9 @@ def _pair_dot_backward(ctx, grad):
     return grad_a, grad_rows, None, None
 
 
-_pair_dot.register_autograd(_pair_dot_backward, setup_context=_pair_dot_setup)
+_pair_dot = define("pair_dot(Tensor a, Tensor rows, Tensor row_of_pair, Tensor offsets) -> Tensor",
+                   validate=_validate_pair_dot, fake=_pair_dot_fake, backward=_pair_dot_backward,
+                   setup_context=_pair_dot_setup)
 
 
 def pair_dot(a: Tensor, rows: Tensor, row_of_pair: Tensor, offsets: Tensor) -> Tensor:
@@ -185,4 +163,4 @@ def pair_dot(a: Tensor, rows: Tensor, row_of_pair: Tensor, offsets: Tensor) -> T
 
     The routing-weight gradient of both :func:`gather` and :func:`combine`.
     """
-    return torch.ops.moe.pair_dot(a, rows, row_of_pair, offsets)
+    return _pair_dot(a, rows, row_of_pair, offsets)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_ops import _checks, registry
-
-registry.register_op("route")
+from moe_ops import _checks
+from moe_ops._library import define
 
 
 def _validate(indices: Tensor, token_mask: Tensor, expert_start: int, num_experts: int) -> None:
@@ -27,23 +26,17 @@ def _validate(indices: Tensor, token_mask: Tensor, expert_start: int, num_expert
         raise ValueError(f"expert_start: expected a non-negative int, got {expert_start!r}")
 
 
-@torch.library.custom_op("moe::route", mutates_args=())
-def _route(
-    indices: Tensor, token_mask: Tensor, expert_start: int, num_experts: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _validate(indices, token_mask, expert_start, num_experts)
-    return registry.call("route", indices, token_mask, expert_start, num_experts)
-
-
-@_route.register_fake
-def _(indices, token_mask, expert_start, num_experts):
-    _validate(indices, token_mask, expert_start, num_experts)
+def _fake(indices, token_mask, expert_start, num_experts):
     T, K = indices.shape
     pair_of_row = indices.new_empty(T * K, dtype=torch.int64)
     row_of_pair = indices.new_empty(T, K, dtype=torch.int64)
     tokens_per_expert = indices.new_empty(num_experts, dtype=torch.int64)
     offsets = indices.new_empty(num_experts, dtype=torch.int32)
     return pair_of_row, row_of_pair, tokens_per_expert, offsets
+
+
+_route = define("route(Tensor indices, Tensor token_mask, SymInt expert_start, SymInt num_experts)"
+                " -> (Tensor, Tensor, Tensor, Tensor)", validate=_validate, fake=_fake)
 
 
 def route(
@@ -62,4 +55,4 @@ def route(
         ``tokens_per_expert [E]`` int64; ``offsets [E]`` int32 cumulative end rows.
         A pair is valid exactly when ``row_of_pair < offsets[-1]``.
     """
-    return torch.ops.moe.route(indices, token_mask, expert_start, num_experts)
+    return _route(indices, token_mask, expert_start, num_experts)

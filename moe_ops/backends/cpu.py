@@ -1,0 +1,223 @@
+"""The ``cpu`` backend: the expert GEMMs and the fused ops on CPU tensors, over the valid rows only.
+
+On the CPU the group offsets already live on the host, so reading them is no synchronisation.
+This backend reads the number of valid rows ``n`` (the last offset) and works on exactly those
+rows, in blocks of whole groups of about ``BLOCK_ROWS`` rows (so a block's intermediates stay in
+cache from one step to the next, as a per-expert loop's do): the block's token rows are gathered
+with one ``index_select``, the GEMMs are ``torch._grouped_mm``'s CPU kernel (a loop over the groups
+that multiplies only each group's rows), and the combine is a float32 ``index_add_``
+(deterministic: rows are added in row order).  The activation and the bias steps run on the
+kernel the registry picks for them.  Rows past ``n`` come out as zeros.
+
+``reference`` remains the oracle: it multiplies every row by every group's matrix and masks
+(exact, no host read, any device), which at real shapes costs E times the FLOPs.  Offsets are
+clamped into the rows and made non-decreasing before use (as the Triton kernels do), so no
+offsets make a kernel read or write out of bounds.  float32, bfloat16 and float16 with 16-byte
+rows (``torch._grouped_mm``'s CPU kernel); float64 and odd widths are left to ``reference``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from moe_ops import registry
+from moe_ops.registry import Backend
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GATED = ("swiglu", "quick_geglu")
+
+
+# Rows per block: the fused ops run group by group in blocks of about this many rows, so each
+# block's intermediates stay in cache between the steps (as a per-expert loop's do).
+BLOCK_ROWS = 512
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Block(NamedTuple):
+    start: int  # first row
+    end: int  # one past the last row
+    groups: slice  # the block's groups
+    ends: Tensor  # their end rows, relative to ``start`` (int32)
+
+
+def _plan(offsets: Tensor, rows: int) -> tuple[int, Tensor, list]:
+    """The number of valid rows ``n``, the group ends (clamped into ``[0, rows]``, non-decreasing; the
+    offsets themselves when they already are) and the blocks: consecutive whole groups of at least
+    BLOCK_ROWS rows (the last may have fewer) covering rows ``[0, n)`` and every group.  One read of
+    the offsets on the host."""
+    host = offsets.tolist()
+    ends, last = [], 0
+    for end in host:
+        last = min(max(end, last), rows)
+        ends.append(last)
+    ends_t = offsets if ends == host else offsets.new_tensor(ends)
+    if last < 2 * BLOCK_ROWS:
+        return last, ends_t, [_Block(0, last, slice(None), ends_t)]
+    blocks, first, start = [], 0, 0
+    for g, end in enumerate(ends):
+        if end - start >= BLOCK_ROWS or g == len(ends) - 1:
+            relative = torch.tensor([e - start for e in ends[first:g + 1]], dtype=torch.int32)
+            blocks.append(_Block(start, end, slice(first, g + 1), relative))
+            first, start = g + 1, end
+    return last, ends_t, blocks
+
+
+def _rows(t, blk: _Block):
+    return None if t is None else t[blk.start:blk.end]
+
+
+def _tokens(pair_of_row, blk: _Block, topk: int):
+    return pair_of_row[blk.start:blk.end] // topk
+
+
+def _assemble(blocks: list, rows: int, make, widths: tuple, like: Tensor) -> tuple:
+    """Tensors ``[rows, width]`` whose rows of block ``b`` are ``make(b)`` (a tuple, one per width) and
+    whose other rows are zero; a single block that covers every row is returned as made, with no copy."""
+    if len(blocks) == 1 and blocks[0].end == rows:
+        return make(blocks[0])
+    outs = tuple(like.new_zeros(rows, w) for w in widths)
+    for blk in blocks:
+        for out, part in zip(outs, make(blk)):
+            out[blk.start:blk.end] = part
+    return outs
+
+
+def _mm(a, b, ends):
+    # The weights may be a transposed view: torch._grouped_mm takes row- or column-major matrices.
+    return torch._grouped_mm(a.contiguous(), b, offs=ends)
+
+
+def _wgrad(a, grad, ends):
+    return torch._grouped_mm(a.contiguous().t(), grad.contiguous(), offs=ends)
+
+
+def grouped_mm(a, b, offsets):
+    n, ends, _ = _plan(offsets, a.shape[0])
+    out = _mm(a, b, ends)
+    out[n:].zero_()  # torch._grouped_mm leaves the rows past the last group unwritten
+    return out
+
+
+def grouped_mm_wgrad(a, grad, offsets):
+    return _wgrad(a, grad, _plan(offsets, a.shape[0])[1])  # empty groups come back as zeros
+
+
+def expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset):
+    M, K = pair_of_row.shape[0], row_of_pair.shape[1]
+    n, _, blocks = _plan(offsets, M)
+
+    def up(blk):
+        h = _mm(x.index_select(0, _tokens(pair_of_row, blk, K)), w1[blk.groups], blk.ends)
+        if b1 is not None:
+            h = registry.call("add_expert_bias", h, b1[blk.groups], blk.ends, None)
+        return registry.call("activation", h, _rows(probs, blk), kind, alpha, limit, linear_offset), h
+
+    C = w1.shape[2]
+    return _assemble(blocks, M, up, (C // 2 if kind in _GATED else C, C), x)
+
+
+def expert_up_backward(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit,
+                       linear_offset):
+    M, K = pair_of_row.shape[0], row_of_pair.shape[1]
+    n, _, blocks = _plan(offsets, M)
+    acc = _acc(x.dtype)
+    grad_x = torch.zeros(x.shape, dtype=acc)
+    grad_w1 = torch.zeros_like(w1)
+    grad_b1 = x.new_empty(0) if b1 is None else torch.zeros_like(b1)
+    grad_probs = x.new_empty(0, dtype=torch.float32) if probs is None else torch.zeros_like(probs)
+    for blk in blocks:
+        tokens = _tokens(pair_of_row, blk, K)
+        gh, gp = registry.call("activation_backward", _rows(grad_a, blk), _rows(h, blk), _rows(probs, blk), kind,
+                               alpha, limit, linear_offset)
+        # One float32 sum per token, rows added in row order: deterministic.
+        grad_x.index_add_(0, tokens, _mm(gh, w1[blk.groups].transpose(1, 2), blk.ends).to(acc))
+        grad_w1[blk.groups] = _wgrad(x.index_select(0, tokens), gh, blk.ends)
+        if b1 is not None:
+            grad_b1[blk.groups] = registry.call("expert_bias_backward", gh, b1[blk.groups], blk.ends, None)[0]
+        if probs is not None:
+            grad_probs[blk.start:blk.end] = gp
+    return grad_x.to(x.dtype), grad_w1, grad_b1, grad_probs
+
+
+def expert_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype):
+    M, K = pair_of_row.shape[0], row_of_pair.shape[1]
+    n, _, blocks = _plan(offsets, M)
+    y = torch.zeros(row_of_pair.shape[0], w2.shape[2], dtype=_acc(a.dtype))
+    for blk in blocks:
+        out = _mm(_rows(a, blk), w2[blk.groups], blk.ends)
+        if b2 is not None:
+            out = registry.call("add_expert_bias", out, b2[blk.groups], blk.ends, _rows(probs, blk))
+        y.index_add_(0, _tokens(pair_of_row, blk, K), out.to(y.dtype))
+    return y.to(out_dtype or a.dtype)
+
+
+def expert_down_backward(grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, offsets):
+    M, K = pair_of_row.shape[0], row_of_pair.shape[1]
+    n, _, blocks = _plan(offsets, M)
+    grad_y = grad_y.to(a.dtype)  # the rows were in a.dtype before the float32 sum: their gradient is too
+    grad_w2 = torch.zeros_like(w2)
+    grad_b2 = a.new_empty(0) if b2 is None else torch.zeros_like(b2)
+    with_probs = b2 is not None and probs is not None
+    grad_probs = torch.zeros_like(probs) if with_probs else a.new_empty(0, dtype=torch.float32)
+
+    def down_grads(blk):
+        g = grad_y.index_select(0, _tokens(pair_of_row, blk, K))
+        grad_w2[blk.groups] = _wgrad(_rows(a, blk), g, blk.ends)
+        if b2 is not None:
+            gb, gp = registry.call("expert_bias_backward", g, b2[blk.groups], blk.ends, _rows(probs, blk))
+            grad_b2[blk.groups] = gb
+            if with_probs:
+                grad_probs[blk.start:blk.end] = gp
+        return (_mm(g, w2[blk.groups].transpose(1, 2), blk.ends),)
+
+    grad_a, = _assemble(blocks, M, down_grads, (a.shape[1],), a)
+    return grad_a, grad_w2, grad_b2, grad_probs
+
+
+# The operands each op multiplies: (rows operand, weight) positions in its arguments.
+_GEMM_OPERANDS = {
+    "grouped_mm": (0, 1), "grouped_mm_wgrad": (0, 1),
+    "expert_up": (0, 4), "expert_up_backward": (1, 6), "expert_down": (0, 1), "expert_down_backward": (1, 2),
+}
+
+
+def _input_reasons(op: str, args: tuple) -> list[str]:
+    if not args:  # asked without inputs (the support table)
+        return []
+    i, j = _GEMM_OPERANDS[op]
+    first, second = args[i], args[j]
+    if first.device.type != "cpu":
+        return [f"inputs are on {first.device.type}; needs the CPU"]
+    reasons = []
+    if first.dtype not in _DTYPES:
+        reasons.append(f"needs float32, bfloat16 or float16, got {str(first.dtype).replace('torch.', '')}")
+    widths = {"rows": first.shape[1], "weights": second.shape[-1]}
+    if second.dim() == 3:
+        widths["weights (inner)"] = second.shape[1]
+    for name, width in widths.items():
+        if (width * first.element_size()) % 16:
+            reasons.append(f"rows of {name} ({width} elements) are not a multiple of 16 bytes")
+    return reasons
+
+
+def _unavailable() -> list[str]:
+    return [] if hasattr(torch, "_grouped_mm") else [f"torch {torch.__version__} has no torch._grouped_mm"]
+
+
+BACKEND = Backend(
+    name="cpu",
+    description="CPU: torch._grouped_mm's CPU kernel and index_select / index_add over the valid rows only",
+    kernels={
+        "grouped_mm": grouped_mm, "grouped_mm_wgrad": grouped_mm_wgrad, "expert_up": expert_up,
+        "expert_up_backward": expert_up_backward, "expert_down": expert_down,
+        "expert_down_backward": expert_down_backward,
+    },
+    unavailable_reasons=_unavailable,
+    input_reasons=_input_reasons,
+)
