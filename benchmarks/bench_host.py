@@ -9,8 +9,9 @@ compiled reduce-overhead and CUDA-graph paths against the torch reference path, 
 For every shape, T and path, forward (no grad) and forward+backward (``torch.autograd.grad`` of a
 random output gradient with respect to x, the routing weights and the four expert parameters):
 
-* ``host_us``: median wall time from the call to its return, the device idle before each call
-  (the work the host does to enqueue one call; on the CPU it is the whole call);
+* ``host_us``: the host time to enqueue one call: wall time of a few calls issued back to back
+  without waiting for the device (after a synchronisation; too few to fill the launch queue), per
+  call — best of several rounds (on the CPU it is the whole call);
 * ``call_ms``: wall time per call of calls back to back (what a training or decode loop sees:
   the larger of host and device time, and their overlap);
 * ``graph_ms`` (ours, CUDA): the same call replayed from a CUDA graph, GPU time only.
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -116,12 +116,33 @@ def _compiled(mode=None) -> Callable[[Inputs], Callable]:
     return build
 
 
+def _forced(spec: str) -> Callable[[Inputs], Callable]:
+    """Ours with backends forced per op (a MOE_OPS_BACKEND-style spec)."""
+    import moe_ops
+
+    per_op = dict(item.split("=") for item in spec.split(","))
+
+    def build(inputs: Inputs):
+        def call():
+            with moe_ops.use_backend(**per_op):
+                return inputs.module(*inputs.args())
+
+        return call
+
+    return build
+
+
+_FUSED_ON_TRITON = ",".join(f"{op}=triton" for op in ("expert_up", "expert_up_backward", "expert_down",
+                                                        "expert_down_backward"))
+
+
 def paths(device) -> dict:
     out = {"ours": lambda inputs: _ours(inputs, inputs.module),
            "torch_ref": _baseline(baselines.torch_reference_path),
            "ours_compiled": _compiled()}
     if common.is_cuda(device):
         out["ours_reduce_overhead"] = _compiled("reduce-overhead")
+        out["ours_triton_fused"] = _forced(_FUSED_ON_TRITON)
     else:
         out["loop"] = _baseline(baselines.per_expert_loop)
     return out
@@ -139,14 +160,17 @@ def modes(inputs: Inputs, call: Callable) -> dict:
     return {"fwd": fwd, "fwd_bwd": fwd_bwd}
 
 
-def host_us(fn: Callable, device, reps: int) -> float:
+def host_us(fn: Callable, device, reps: int, burst: int = 16) -> float:
+    """Best over rounds of the host time per call of ``burst`` calls issued without waiting for the device."""
     samples = []
-    for _ in range(reps):
+    for _ in range(max(1, reps // burst)):
         common.synchronize(device)
         t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(samples)
+        for _ in range(burst):
+            fn()
+        samples.append((time.perf_counter() - t0) * 1e6 / burst)
+    common.synchronize(device)
+    return min(samples)
 
 
 def call_ms(fn: Callable, device, reps: int, rounds: int = 3) -> float:
@@ -193,7 +217,7 @@ def measure(inputs: Inputs, name: str, call: Callable, args) -> dict:
             fn()
         reps = reps_for(fn, device, args.budget, args.min_reps, args.max_reps)
         result[mode] = {"host_us": host_us(fn, device, reps), "call_ms": call_ms(fn, device, reps), "reps": reps}
-        if name == "ours" and common.is_cuda(device):
+        if name in ("ours", "ours_triton_fused") and common.is_cuda(device):
             try:
                 result[mode]["graph_ms"] = graph_ms(fn, device, reps)
             except Exception as e:  # report, never hide, a capture that fails

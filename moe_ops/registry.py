@@ -177,11 +177,12 @@ _CACHE_LIMIT = 4096
 def _key(a) -> Hashable:
     if isinstance(a, torch.Tensor):
         s, n = a.shape, a.numel()
-        # Everything a backend's reasons read: device, dtype, the widths (not the row count), whether it
-        # is empty or has a dimension of 2^31 or more, and the length of a 1-D int32 tensor (offsets: the
-        # number of experts).
+        # Everything a backend's reasons read: device, dtype, the widths, the number of rows to a power
+        # of two (a backend may decline below a row count only at a power of two), whether it is empty or
+        # has a dimension of 2^31 or more, and the length of a 1-D int32 tensor (offsets: the experts).
+        rows = s[0].bit_length() if s else -1
         groups = s[0] if a.dtype is torch.int32 and len(s) == 1 else -1
-        return (a.device, a.dtype, s[1:], n == 0, n >= _BIG and max(s) >= _BIG, groups)
+        return (a.device, a.dtype, s[1:], rows, n == 0, n >= _BIG and max(s) >= _BIG, groups)
     if isinstance(a, (list, tuple)):
         return tuple(_key(x) for x in a)
     return a

@@ -174,3 +174,39 @@ def test_plot_ep_from_the_recorded_runs(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def host_run(tmp_path_factory):
+    """One `bench_host.py --device cpu --quick` run (the tiny shape, eager paths), its JSON and stdout."""
+    out = tmp_path_factory.mktemp("host")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OUT=str(out))
+    env.pop("MOE_OPS_BACKEND", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host.py"), "--device", "cpu", "--quick"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    path = out / "bench_host.json"
+    return path, json.loads(path.read_text()), proc.stdout
+
+
+def test_host_benchmark_times_every_path_on_the_cpu(host_run):
+    _, report, stdout = host_run
+    (case,) = report["cases"]
+    assert (case["shape"], case["T"], case["E"], case["K"], case["D"], case["I"]) == ("tiny", 4, 8, 2, 16, 8)
+    assert set(case["results"]) == {"ours", "torch_ref", "loop"}
+    for name, result in case["results"].items():
+        assert result["status"] == "ok", (name, result)
+        for mode in ("fwd", "fwd_bwd"):
+            assert result[mode]["host_us"] > 0 and result[mode]["call_ms"] > 0, (name, mode, result)
+    assert report["env"]["threads"] == 1 and report["dtype"] == "torch.float32"
+    assert "tiny T=4" in stdout.strip().splitlines()[-1]
+
+
+def test_plot_host_from_json(host_run, tmp_path):
+    pytest.importorskip("matplotlib", reason="needs matplotlib (pip install 'moe-ops[bench]')")
+    json_path, _, _ = host_run
+    png = tmp_path / "host.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_host.py"), str(json_path), "--out", str(png)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

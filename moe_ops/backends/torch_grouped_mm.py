@@ -74,6 +74,13 @@ _GEMM_OPERANDS = {
     "grouped_mm": (0, 1), "grouped_mm_wgrad": (0, 1),
     "expert_up": (0, 4), "expert_up_backward": (1, 6), "expert_down": (0, 1), "expert_down_backward": (1, 2),
 }
+# The expert-sorted rows (T*K) each fused op handles: the position of a tensor with that many rows.
+_ROWS = {"expert_up": 1, "expert_up_backward": 3, "expert_down": 0, "expert_down_backward": 1}
+# Below this many rows the fused Triton kernels (one GEMM launch with the gather, bias, activation and
+# probability inside) beat this backend's composition of CUTLASS GEMMs and Triton steps, in GPU time
+# and in host time: measured on H200 at Qwen3 and GPT-OSS shapes (BENCHMARKS.md, "Host path").  A power
+# of two: the registry's cache key keeps the row count to a power of two.
+MIN_FUSED_ROWS = 16384
 
 
 def _input_reasons(op: str, args: tuple) -> list[str]:
@@ -97,6 +104,8 @@ def _input_reasons(op: str, args: tuple) -> list[str]:
             reasons.append(f"rows of {name} ({width} elements) are not a multiple of 16 bytes")
     if first.shape[0] == 0:
         reasons.append("no rows")
+    if op in _ROWS and args[_ROWS[op]].shape[0] < MIN_FUSED_ROWS:
+        reasons.append(f"{args[_ROWS[op]].shape[0]} rows, fewer than {MIN_FUSED_ROWS}: the fused Triton kernels are faster")
     return reasons
 
 
