@@ -212,7 +212,7 @@ def _unavailable() -> list[str]:
 
 BACKEND = Backend(
     name="cpu",
-    description="CPU: torch._grouped_mm's CPU kernel and index_select / index_add over the valid rows only",
+    description="CPU tensors: torch._grouped_mm's CPU kernel and index_select / index_add over the valid rows only",
     kernels={
         "grouped_mm": grouped_mm, "grouped_mm_wgrad": grouped_mm_wgrad, "expert_up": expert_up,
         "expert_up_backward": expert_up_backward, "expert_down": expert_down,
