@@ -58,17 +58,10 @@ def with_tokens(shape: common.Shape, T: int) -> common.Shape:
 class Inputs:
     """Module, tokens, routing and output gradient of one (shape, T), on ``device``."""
 
-    def __init__(self, shape: common.Shape, device, dtype, seed: int = 0):
-        from moe_modules import GroupedExperts
-
+    def __init__(self, shape: common.Shape, device, dtype, seed: int = 0, module=None):
         self.shape, self.device = shape, device
         torch.manual_seed(seed)
-        self.module = GroupedExperts(shape.config(dtype)).to(device)
-        self.module.init_weights(device)
-        if shape.bias:  # random, never zero, so the bias paths compute something
-            with torch.no_grad():
-                self.module.gate_up_proj_bias.normal_(0, 0.02)
-                self.module.down_proj_bias.normal_(0, 0.02)
+        self.module = module if module is not None else make_module(shape, device, dtype)
         self.indices, weights, self.token_mask = common.make_routing(shape, "uniform", device, seed)
         self.weights = weights.requires_grad_()
         self.x = (torch.randn(shape.T, shape.D, device=device) * 0.5).to(dtype).requires_grad_()
@@ -80,6 +73,18 @@ class Inputs:
 
     def grad_inputs(self):
         return [self.x, self.weights, *self.params]
+
+
+def make_module(shape: common.Shape, device, dtype):
+    from moe_modules import GroupedExperts
+
+    module = GroupedExperts(shape.config(dtype)).to(device)
+    module.init_weights(device)
+    if shape.bias:  # random, never zero, so the bias paths compute something
+        with torch.no_grad():
+            module.gate_up_proj_bias.normal_(0, 0.02)
+            module.down_proj_bias.normal_(0, 0.02)
+    return module
 
 
 def _ours(inputs: Inputs, module) -> Callable:
@@ -101,17 +106,13 @@ def _compiled(mode=None) -> Callable[[Inputs], Callable]:
 
     def build(inputs: Inputs):
         key = id(inputs.module)
-        if key not in cache:  # one compiled module per shape: T is unbacked, one graph for every T
+        if key not in cache:  # one compiled module per shape (T is unbacked: one graph for every T)
             cache.clear()
             cache[key] = torch.compile(inputs.module, fullgraph=True, mode=mode)
         compiled = cache[key]
-
-        def call():
-            for t in inputs.args():
-                torch._dynamo.decorators.mark_unbacked(t, 0)
-            return compiled(*inputs.args())
-
-        return call
+        for t in inputs.args():  # once per set of inputs (they are the same tensors in every call)
+            torch._dynamo.decorators.mark_unbacked(t, 0)
+        return lambda: compiled(*inputs.args())
 
     return build
 
@@ -263,9 +264,10 @@ def run(args) -> dict:
               "command": " ".join(sys.argv), "cases": []}
     builders = {k: v for k, v in paths(device).items() if k in args.paths}
     for base in shapes:
+        module = make_module(base, device, dtype)  # one module (and compiled module) for every T
         for T in (args.tokens or ([base.T] if not common.is_cuda(device) else TOKENS)):
             shape = with_tokens(base, T)
-            inputs = Inputs(shape, device, dtype)
+            inputs = Inputs(shape, device, dtype, module=module)
             case = {"shape": shape.name, "T": T, "E": shape.E, "K": shape.K, "D": shape.D, "I": shape.I,
                     "activation": shape.activation, "bias": shape.bias, "results": {}}
             for name, build in builders.items():
@@ -278,6 +280,7 @@ def run(args) -> dict:
             print(row(case), flush=True)
             del inputs
             common.free_memory()
+        del module
     if "ours_reduce_overhead" in builders:
         report["inductor_cudagraph_skips"] = cudagraph_skips()
     return report

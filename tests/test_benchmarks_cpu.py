@@ -21,17 +21,21 @@ from moe_modules import GroupedExperts  # noqa: E402
 CORE_PATHS = ("ours", "torch_ref", "gemm_only", "loop")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One `bench_experts.py --tiny` run on the CPU (CUDA hidden), its JSON and stdout."""
-    out = tmp_path_factory.mktemp("bench")
+def run_benchmark(out: Path, script: str, *args: str, timeout: int = 120):
+    """Run ``benchmarks/<script>.py`` on the CPU (CUDA hidden) writing into ``out``: its JSON path, JSON and stdout."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OUT=str(out))
     env.pop("MOE_OPS_BACKEND", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_experts.py"), "--tiny"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    path = out / "bench_experts.json"
+    path = out / f"{script}.json"
     return path, json.loads(path.read_text()), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One `bench_experts.py --tiny` run on the CPU, its JSON and stdout."""
+    return run_benchmark(tmp_path_factory.mktemp("bench"), "bench_experts", "--tiny")
 
 
 def test_tiny_run_has_every_shape_routing_and_path(tiny_run):
@@ -179,14 +183,7 @@ def test_plot_ep_from_the_recorded_runs(tmp_path):
 @pytest.fixture(scope="module")
 def host_run(tmp_path_factory):
     """One `bench_host.py --device cpu --quick` run (the tiny shape, eager paths), its JSON and stdout."""
-    out = tmp_path_factory.mktemp("host")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OUT=str(out))
-    env.pop("MOE_OPS_BACKEND", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host.py"), "--device", "cpu", "--quick"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    path = out / "bench_host.json"
-    return path, json.loads(path.read_text()), proc.stdout
+    return run_benchmark(tmp_path_factory.mktemp("host"), "bench_host", "--device", "cpu", "--quick", timeout=300)
 
 
 def test_host_benchmark_times_every_path_on_the_cpu(host_run):

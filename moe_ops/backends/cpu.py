@@ -81,10 +81,12 @@ def _assemble(blocks: list, rows: int, make, widths: tuple, like: Tensor) -> tup
     whose other rows are zero; a single block that covers every row is returned as made, with no copy."""
     if len(blocks) == 1 and blocks[0].end == rows:
         return make(blocks[0])
-    outs = tuple(like.new_zeros(rows, w) for w in widths)
-    for blk in blocks:
+    outs = tuple(like.new_empty(rows, w) for w in widths)
+    for blk in blocks:  # the blocks cover rows [0, n) exactly
         for out, part in zip(outs, make(blk)):
             out[blk.start:blk.end] = part
+    for out in outs:
+        out[blocks[-1].end:].zero_()
     return outs
 
 
@@ -128,8 +130,8 @@ def expert_up_backward(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, 
     n, _, blocks = _plan(offsets, M)
     acc = _acc(x.dtype)
     grad_x = torch.zeros(x.shape, dtype=acc)
-    grad_w1 = torch.zeros_like(w1)
-    grad_b1 = x.new_empty(0) if b1 is None else torch.zeros_like(b1)
+    grad_w1 = torch.empty_like(w1)  # the blocks cover every group (an empty one's wgrad is zeros)
+    grad_b1 = x.new_empty(0) if b1 is None else torch.empty_like(b1)
     grad_probs = x.new_empty(0, dtype=torch.float32) if probs is None else torch.zeros_like(probs)
     for blk in blocks:
         tokens = _tokens(pair_of_row, blk, K)
@@ -161,8 +163,8 @@ def expert_down_backward(grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, off
     M, K = pair_of_row.shape[0], row_of_pair.shape[1]
     n, _, blocks = _plan(offsets, M)
     grad_y = grad_y.to(a.dtype)  # the rows were in a.dtype before the float32 sum: their gradient is too
-    grad_w2 = torch.zeros_like(w2)
-    grad_b2 = a.new_empty(0) if b2 is None else torch.zeros_like(b2)
+    grad_w2 = torch.empty_like(w2)  # the blocks cover every group (an empty one's wgrad is zeros)
+    grad_b2 = a.new_empty(0) if b2 is None else torch.empty_like(b2)
     with_probs = b2 is not None and probs is not None
     grad_probs = torch.zeros_like(probs) if with_probs else a.new_empty(0, dtype=torch.float32)
 
