@@ -145,14 +145,17 @@ def test_flop_and_byte_counts_of_qwen3():
     assert common.min_bytes(s)["fwd"] == 2 * (2 * 16384 * 2048 + weights)
 
 
-def test_plot_from_json(tiny_run, tmp_path):
-    pytest.importorskip("matplotlib", reason="needs matplotlib (pip install 'moe-ops[bench]')")
-    json_path, _, _ = tiny_run
-    png = tmp_path / "chart.png"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(json_path), "--out", str(png)],
+def assert_plots(script: str, json_path: Path, png: Path) -> None:
+    """``benchmarks/<script>.py JSON --out PNG`` exits 0 and writes a PNG."""
+    pytest.importorskip("matplotlib", reason="needs matplotlib (pip install -e '.[bench]')")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), str(json_path), "--out", str(png)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_from_json(tiny_run, tmp_path):
+    assert_plots("plot", tiny_run[0], tmp_path / "chart.png")
 
 
 def test_run_gpu_script_goes_on_after_a_failing_step(tmp_path):
@@ -170,7 +173,7 @@ def test_run_gpu_script_goes_on_after_a_failing_step(tmp_path):
 
 
 def test_plot_ep_from_the_recorded_runs(tmp_path):
-    pytest.importorskip("matplotlib", reason="needs matplotlib (pip install 'moe-ops[bench]')")
+    pytest.importorskip("matplotlib", reason="needs matplotlib (pip install -e '.[bench]')")
     reports = sorted((ROOT / "benchmarks" / "results").glob("bench_ep_peer_h200x[0-9].json"))
     assert len(reports) == 2, reports
     png = tmp_path / "ep.png"
@@ -200,10 +203,4 @@ def test_host_benchmark_times_every_path_on_the_cpu(host_run):
 
 
 def test_plot_host_from_json(host_run, tmp_path):
-    pytest.importorskip("matplotlib", reason="needs matplotlib (pip install 'moe-ops[bench]')")
-    json_path, _, _ = host_run
-    png = tmp_path / "host.png"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_host.py"), str(json_path), "--out", str(png)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_plots("plot_host", host_run[0], tmp_path / "host.png")
