@@ -224,3 +224,57 @@ def test_support_table_lists_every_op_and_backend():
         for name, reasons in per_backend.items():
             assert isinstance(reasons, list) and all(isinstance(r, str) and r for r in reasons), (op, name)
     assert table["route"]["torch"] == ["has no route kernel"]
+
+
+# ---- a backend composes kernels, not ops ---------------------------------------------------------------
+
+
+def test_torch_backend_composes_kernels_not_ops():
+    """The torch backend's fused ops run every step on the kernel the registry picks, never through a nested
+    ``moe::`` op (a second dispatch and validation per step).  Its kernels are called here directly on CPU
+    float32 tensors (torch._grouped_mm runs there too); nothing under them may be a ``moe::`` op call."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    T, K, E, D, I = 16, 2, 4, 16, 8
+    indices, token_mask = torch.randint(-1, E, (T, K)), torch.rand(T) > 0.2
+    pair_of_row, row_of_pair, _, offsets = moe_ops.route(indices, token_mask, 0, E)
+    x, probs = torch.randn(T, D), torch.rand(T * K)
+    w1, w2, b1, b2 = torch.randn(E, D, 2 * I), torch.randn(E, I, D), torch.randn(E, 2 * I), torch.randn(E, D)
+    routing = (pair_of_row, row_of_pair, offsets)
+    up = (x, *routing, w1, b1, probs, "swiglu", 1.702, 7.0, 1.0)
+    a, h = registry.get_backend("reference").kernels["expert_up"](*up)
+    calls = {
+        "expert_up": up,
+        "expert_up_backward": (torch.randn_like(a), x, h, *routing, w1, b1, probs, "swiglu", 1.702, 7.0, 1.0),
+        "expert_down": (a, w2, b2, probs, *routing, None),
+        "expert_down_backward": (torch.randn(T, D), a, w2, b2, probs, *routing),
+    }
+    kernels = registry.get_backend("torch").kernels
+    for op, args in calls.items():
+        with profile() as prof:
+            got = kernels[op](*args)
+        nested = sorted({e.name for e in prof.events() if e.name.startswith("moe::")})
+        assert nested == [], (op, nested)
+        want = registry.get_backend("reference").kernels[op](*args)
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=op)
+
+
+@CPU_ONLY_REFERENCE
+def test_choice_is_cached_by_input_kind(route_args, monkeypatch):
+    """Reasons are computed once per kind of input (device, dtype, widths, ...), not on every call; a new
+    kind, a forced backend or a replaced backend is a miss."""
+    asked = []
+    counting = dataclasses.replace(registry.get_backend("reference"),
+                                   input_reasons=lambda op, args: asked.append(op) or [])
+    monkeypatch.setitem(registry._BACKENDS, "reference", counting)
+    indices, token_mask, start, experts = route_args
+    for _ in range(3):  # new values, same kind
+        registry.choose("route", (torch.randint(0, experts, indices.shape), token_mask, start, experts))
+    assert asked == ["route"]
+    registry.choose("route", (indices.int(), token_mask, start, experts))  # another dtype
+    assert asked == ["route", "route"]
+    with moe_ops.use_backend("reference"):  # forced: another key
+        registry.choose("route", route_args)
+    assert len(asked) == 3
