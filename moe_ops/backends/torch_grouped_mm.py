@@ -74,12 +74,14 @@ _GEMM_OPERANDS = {
     "grouped_mm": (0, 1), "grouped_mm_wgrad": (0, 1),
     "expert_up": (0, 4), "expert_up_backward": (1, 6), "expert_down": (0, 1), "expert_down_backward": (1, 2),
 }
-# The expert-sorted rows (T*K) each fused op handles: the position of a tensor with that many rows.
-_ROWS = {"expert_up": 1, "expert_up_backward": 3, "expert_down": 0, "expert_down_backward": 1}
-# Below this many rows the fused Triton kernels (one GEMM launch with the gather, bias, activation and
-# probability inside) beat this backend's composition of CUTLASS GEMMs and Triton steps, in GPU time
-# and in host time: measured on H200 at Qwen3 and GPT-OSS shapes (BENCHMARKS.md, "Host path").  A power
-# of two: the registry's cache key keeps the row count to a power of two.
+# The expert-sorted rows (T*K) each fused forward op handles: the position of a tensor with that many rows.
+_ROWS = {"expert_up": 1, "expert_down": 0}
+# Below this many rows the fused Triton forward kernels (one GEMM launch with the gather, bias, activation
+# and probability inside) beat this backend's composition of CUTLASS GEMMs and Triton steps, in GPU time
+# and in host time: measured on H200 at Qwen3 and GPT-OSS shapes (BENCHMARKS.md, "Host path").  The
+# backward ops stay here at every size: the Triton backward was slower on the GPU (Qwen3 T=512: 1.74 ms
+# forward+backward against 1.47; GPT-OSS T=2048: 5.30 against 3.53).  A power of two: the registry's
+# cache key keeps the row count to a power of two.
 MIN_FUSED_ROWS = 16384
 
 
