@@ -336,8 +336,8 @@ def test_activation(kind, limit, with_probs, dtype):
 # ---- the fused expert block ---------------------------------------------------------------------
 
 
-def run_block(backend: str, kind: str, bias: bool, dtype, case: str, limit=7.0, out_dtype=None):
-    """route -> expert_up -> expert_down, forward and backward, every op on ``backend``."""
+def run_block(backend, kind: str, bias: bool, dtype, case: str, limit=7.0, out_dtype=None):
+    """route -> expert_up -> expert_down, forward and backward, every op on ``backend`` (a name, or per op)."""
     torch.manual_seed(3)
     indices, mask, start, experts = make_routing(case)
     T, K = indices.shape
@@ -348,7 +348,7 @@ def run_block(backend: str, kind: str, bias: bool, dtype, case: str, limit=7.0, 
     w2 = randn(experts, I, D, dtype=dtype, scale=I ** -0.5).requires_grad_()
     b1 = randn(experts, C, dtype=dtype).requires_grad_() if bias else None
     b2 = randn(experts, D, dtype=dtype).requires_grad_() if bias else None
-    with use_backend(backend):
+    with use_backend(**backend) if isinstance(backend, dict) else use_backend(backend):
         pair_of_row, row_of_pair, _, offsets = torch.ops.moe.route(indices, mask, start, experts)
         probs = weights.reshape(-1).gather(0, pair_of_row)
         a, h = torch.ops.moe.expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, 1.702, limit, 1.0)
@@ -377,6 +377,18 @@ def test_fused_block_masked_pairs_and_float32_output():
     assert got[2].dtype == torch.float32
     for g, w in zip(got, want):
         assert_close(g, w, torch.bfloat16)
+
+
+def test_triton_forward_with_another_backends_backward():
+    """What the GPU default runs below 16384 rows: the fused forward ops on Triton, their backward ops on
+    another backend (CUTLASS there, the reference here), which reads the Triton forward's ``h`` and ``a``,
+    tail rows included (masked and unrouted pairs)."""
+    mix = {"expert_up": "triton", "expert_down": "triton", "expert_up_backward": "reference",
+           "expert_down_backward": "reference"}
+    got = run_block(mix, "swiglu", True, torch.float32, "mixed")
+    want = run_block("reference", "swiglu", True, torch.float32, "mixed")
+    for g, w in zip(got, want):
+        assert_close(g, w, torch.float32)
 
 
 def test_module_matches_float64_reference():
