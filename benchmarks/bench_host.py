@@ -117,33 +117,12 @@ def _compiled(mode=None) -> Callable[[Inputs], Callable]:
     return build
 
 
-def _forced(spec: str) -> Callable[[Inputs], Callable]:
-    """Ours with backends forced per op (a MOE_OPS_BACKEND-style spec)."""
-    import moe_ops
-
-    per_op = dict(item.split("=") for item in spec.split(","))
-
-    def build(inputs: Inputs):
-        def call():
-            with moe_ops.use_backend(**per_op):
-                return inputs.module(*inputs.args())
-
-        return call
-
-    return build
-
-
-_FUSED_ON_TRITON = ",".join(f"{op}=triton" for op in ("expert_up", "expert_up_backward", "expert_down",
-                                                        "expert_down_backward"))
-
-
 def paths(device) -> dict:
     out = {"ours": lambda inputs: _ours(inputs, inputs.module),
            "torch_ref": _baseline(baselines.torch_reference_path),
            "ours_compiled": _compiled()}
     if common.is_cuda(device):
         out["ours_reduce_overhead"] = _compiled("reduce-overhead")
-        out["ours_triton_fused"] = _forced(_FUSED_ON_TRITON)
     else:
         out["loop"] = _baseline(baselines.per_expert_loop)
     return out
@@ -218,7 +197,7 @@ def measure(inputs: Inputs, name: str, call: Callable, args) -> dict:
             fn()
         reps = reps_for(fn, device, args.budget, args.min_reps, args.max_reps)
         result[mode] = {"host_us": host_us(fn, device, reps), "call_ms": call_ms(fn, device, reps), "reps": reps}
-        if name in ("ours", "ours_triton_fused") and common.is_cuda(device):
+        if name == "ours" and common.is_cuda(device):
             try:
                 result[mode]["graph_ms"] = graph_ms(fn, device, reps)
             except Exception as e:  # report, never hide, a capture that fails

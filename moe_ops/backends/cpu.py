@@ -24,10 +24,11 @@ import torch
 from torch import Tensor
 
 from moe_ops import registry
+from moe_ops.backends import _grouped_mm_inputs
+from moe_ops.ops.activation import GATED
 from moe_ops.registry import Backend
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_GATED = ("swiglu", "quick_geglu")
 
 
 # Rows per block: the fused ops run group by group in blocks of about this many rows, so each
@@ -121,7 +122,7 @@ def expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, 
         return registry.call("activation", h, _rows(probs, blk), kind, alpha, limit, linear_offset), h
 
     C = w1.shape[2]
-    return _assemble(blocks, M, up, (C // 2 if kind in _GATED else C, C), x)
+    return _assemble(blocks, M, up, (C // 2 if GATED[kind] else C, C), x)
 
 
 def expert_up_backward(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit,
@@ -182,30 +183,16 @@ def expert_down_backward(grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, off
     return grad_a, grad_w2, grad_b2, grad_probs
 
 
-# The operands each op multiplies: (rows operand, weight) positions in its arguments.
-_GEMM_OPERANDS = {
-    "grouped_mm": (0, 1), "grouped_mm_wgrad": (0, 1),
-    "expert_up": (0, 4), "expert_up_backward": (1, 6), "expert_down": (0, 1), "expert_down_backward": (1, 2),
-}
-
-
 def _input_reasons(op: str, args: tuple) -> list[str]:
     if not args:  # asked without inputs (the support table)
         return []
-    i, j = _GEMM_OPERANDS[op]
-    first, second = args[i], args[j]
+    first, second = _grouped_mm_inputs.operands(op, args)
     if first.device.type != "cpu":
         return [f"inputs are on {first.device.type}; needs the CPU"]
     reasons = []
     if first.dtype not in _DTYPES:
         reasons.append(f"needs float32, bfloat16 or float16, got {str(first.dtype).replace('torch.', '')}")
-    widths = {"rows": first.shape[1], "weights": second.shape[-1]}
-    if second.dim() == 3:
-        widths["weights (inner)"] = second.shape[1]
-    for name, width in widths.items():
-        if (width * first.element_size()) % 16:
-            reasons.append(f"rows of {name} ({width} elements) are not a multiple of 16 bytes")
-    return reasons
+    return reasons + _grouped_mm_inputs.unaligned_rows(op, first, second)
 
 
 def _unavailable() -> list[str]:

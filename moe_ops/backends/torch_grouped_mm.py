@@ -18,6 +18,7 @@ import functools
 import torch
 
 from moe_ops import registry
+from moe_ops.backends import _grouped_mm_inputs
 from moe_ops.ops import fused_composition
 from moe_ops.registry import Backend
 
@@ -69,11 +70,6 @@ class _Steps:
         return functools.partial(registry.call, name)
 
 
-# The operands of the GEMMs each op runs: (rows operand, weight) positions in its arguments.
-_GEMM_OPERANDS = {
-    "grouped_mm": (0, 1), "grouped_mm_wgrad": (0, 1),
-    "expert_up": (0, 4), "expert_up_backward": (1, 6), "expert_down": (0, 1), "expert_down_backward": (1, 2),
-}
 # The expert-sorted rows (T*K) each fused forward op handles: the position of a tensor with that many rows.
 _ROWS = {"expert_up": 1, "expert_down": 0}
 # Below this many rows the fused Triton forward kernels (one GEMM launch with the gather, bias, activation
@@ -88,8 +84,7 @@ MIN_FUSED_ROWS = 16384
 def _input_reasons(op: str, args: tuple) -> list[str]:
     if not args:  # asked without inputs (the support table)
         return []
-    i, j = _GEMM_OPERANDS[op]
-    first, second = args[i], args[j]
+    first, second = _grouped_mm_inputs.operands(op, args)
     reasons = []
     if first.device.type != "cuda":
         return [f"inputs are on {first.device.type}; needs CUDA"]
@@ -98,12 +93,7 @@ def _input_reasons(op: str, args: tuple) -> list[str]:
         reasons.append(f"needs sm90/sm100 for the fast path, got sm{cap[0]}{cap[1]}")
     if first.dtype != torch.bfloat16:
         reasons.append(f"needs bfloat16, got {str(first.dtype).replace('torch.', '')}")
-    widths = {"rows": first.shape[1], "weights": second.shape[-1]}
-    if op.startswith("expert_"):
-        widths["weights (inner)"] = second.shape[1]
-    for name, width in widths.items():
-        if (width * first.element_size()) % 16:
-            reasons.append(f"rows of {name} ({width} elements) are not a multiple of 16 bytes")
+    reasons += _grouped_mm_inputs.unaligned_rows(op, first, second)
     if first.shape[0] == 0:
         reasons.append("no rows")
     if op in _ROWS and args[_ROWS[op]].shape[0] < MIN_FUSED_ROWS:
