@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 import ep_common
 from moe_modules import GroupedExperts, GroupedExpertsDeepEP, MoEConfig, apply_ep
-from moe_modules.parallel import AllToAllDispatcher, PeerDispatcher, deep_ep_importable
+from moe_modules.ep import AllToAllDispatcher, PeerDispatcher, deep_ep_importable
 
 
 def parse_args():
@@ -67,15 +67,15 @@ def bench_dispatch_combine(args, mesh, device, rank: int, world_size: int) -> di
 
     def dispatch_only():
         d = dispatcher.dispatch(x, mask, weights, indices)
-        return d.rows, d.probs
+        return d.x, d.weights
 
     def ours():
         d = dispatcher.dispatch(x, mask, weights, indices)
-        return dispatcher.combine(d.rows, d)  # identity experts: each token's partial is its row
+        return dispatcher.combine(d.x, d)  # identity experts: each token's partial is its row
 
     with torch.no_grad():
         d = dispatcher.dispatch(x, mask, weights, indices)
-        send_splits, recv_splits = d.send_splits, d.recv_splits
+        send_splits, recv_splits = d.state.send_splits, d.state.recv_splits
         n_send, n_recv = sum(send_splits), sum(recv_splits)
         send = torch.randn(n_send, args.dim, device=device).to(torch.bfloat16)
         recv = torch.empty(n_recv, args.dim, device=device, dtype=torch.bfloat16)
@@ -165,18 +165,18 @@ def bench_peer(args, mesh, device, inputs: tuple, baselines: dict) -> dict:
     device time with the host ahead of the device for it and the baselines (the raw all-to-alls, and
     the all-to-all dispatch, whose host read of the split sizes keeps the host from getting ahead)."""
     x, mask, weights, indices = inputs
-    peer = PeerDispatcher(mesh, args.experts, args.tokens)
+    peer = PeerDispatcher(mesh, args.experts, args.tokens, reduce_dtype=None)  # bf16 partials, like the raw a2a
     received = peer.dispatch(x, mask, weights, indices)
 
     def peer_dispatch():
-        return peer.dispatch(x, mask, weights, indices).rows
+        return peer.dispatch(x, mask, weights, indices).x
 
     def peer_combine():
-        return peer.combine(received.rows, received, x.dtype)
+        return peer.combine(received.x, received)
 
     def peer_dispatch_combine():
         got = peer.dispatch(x, mask, weights, indices)
-        return peer.combine(got.rows, got, x.dtype)  # identity experts, partials in bf16 like the raw a2a
+        return peer.combine(got.x, got)  # identity experts
 
     timings = {"peer_dispatch_combine_ms": ep_common.time_ms(peer_dispatch_combine, device, args.warmup, args.iters),
                "peer_pipelined_ms": ep_common.time_pipelined_ms(peer_dispatch_combine, device, args.warmup,
@@ -248,11 +248,12 @@ def host_costs(dispatcher, x, mask, weights, indices, d, device, whole) -> dict:
     import time
 
     import moe_ops
-    from moe_modules import _ep_comm as comm
+    from moe_modules.ep import _comm as comm
 
     group = dispatcher.ep_mesh.get_group()
     row_of_pair, offsets, pair_of_row, rows_per_rank, _ = dispatcher._send_layout(mask, indices)
-    n_send = sum(d.send_splits)
+    sent = d.state
+    n_send = sum(sent.send_splits)
     rows = moe_ops.gather(x, row_of_pair, offsets, None, n_send)
     small = torch.zeros(8, device=device)
     steps = {
@@ -261,11 +262,11 @@ def host_costs(dispatcher, x, mask, weights, indices, d, device, whole) -> dict:
         "moe.route over all experts [T, K]": lambda: moe_ops.route(indices, mask, 0, dispatcher.num_experts),
         "moe.gather of the rows sent": lambda: moe_ops.gather(x, row_of_pair, offsets, None, n_send),
         "moe.combine of the rows received back": lambda: moe_ops.combine(rows, row_of_pair, offsets),
-        "all_to_all (eager c10d, ours)": lambda: comm.all_to_all_autograd(rows, d.recv_splits, d.send_splits, group),
+        "all_to_all (eager c10d, ours)": lambda: comm.all_to_all_autograd(rows, sent.recv_splits, sent.send_splits, group),
         "all_to_all (functional collective)": lambda: comm.fc.wait_tensor(
-            comm.fc.all_to_all_single(rows, d.recv_splits, d.send_splits, group)),
+            comm.fc.all_to_all_single(rows, sent.recv_splits, sent.send_splits, group)),
         "dist.all_to_all_single into a preallocated buffer": lambda: dist.all_to_all_single(
-            torch.empty_like(d.rows), rows, d.recv_splits, d.send_splits, group=group),
+            torch.empty_like(d.x), rows, sent.recv_splits, sent.send_splits, group=group),
         "host read of 8 ints (tolist, idle queue)": lambda: small.tolist(),
         "whole dispatch + combine": whole,
     }

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import ep_common
 from moe_modules import GroupedExperts, GroupedExpertsDeepEP, MoEConfig, apply_ep
-from moe_modules.parallel import deep_ep_importable
+from moe_modules.ep import deep_ep_importable
 
 PARAMS = ("gate_and_up_projs", "down_projs", "gate_up_proj_bias", "down_proj_bias")
 CONFIGS = (("swiglu", False), ("quick_geglu", True), ("relu2", False))

@@ -79,7 +79,7 @@ expert_up: (f32[2*u0, 8], f32[2*u0, 16]) = moe.expert_up.default(primals_2, geti
 getitem_4: f32[2*u0, 8] = expert_up[0]
 getitem_5: f32[2*u0, 16] = expert_up[1]
 detach: f32[2*u0, 16] = aten.detach.default(getitem_5)
-expert_down: f32[u0, 16] = moe.expert_down.default(getitem_4, primals_10, primals_12, gather, getitem, getitem_1, getitem_3, None)
+expert_down: f32[u0, 16] = moe.expert_down.default(getitem_4, primals_10, primals_12, gather, getitem, getitem_1, getitem_3, f32)
 return [expert_down, primals_2, primals_9, primals_10, primals_11, primals_12, getitem, getitem_1, getitem_3, gather, getitem_4, detach, u0, u0, u0, 2*u0]""")
 
     def test_backward_graph(self):

@@ -1,9 +1,12 @@
-"""Expert modules built only from ``moe_ops`` ops, with NeMo AutoModel's state-dict layout."""
+"""Expert modules built only from ``moe_ops`` ops, with NeMo AutoModel's state-dict layout.
+
+Every module's forward is dispatch -> its experts -> combine (:mod:`moe_modules.ep`); expert
+parallelism (:func:`apply_ep`) only changes the dispatcher.
+"""
 
 from moe_modules.config import MoEConfig
-from moe_modules.deepep import GroupedExpertsDeepEP
-from moe_modules.grouped_experts import GroupedExperts
-from moe_modules.parallel import apply_ep
+from moe_modules.ep import apply_ep
+from moe_modules.grouped_experts import GroupedExperts, GroupedExpertsDeepEP
 from moe_modules.te import GroupedExpertsTE
 
 __all__ = ["MoEConfig", "GroupedExperts", "GroupedExpertsDeepEP", "GroupedExpertsTE", "apply_ep"]

@@ -18,7 +18,7 @@ import time
 import torch
 
 import moe_ops
-from moe_ops import registry
+from moe_ops import registry  # the public registry module
 from moe_modules import GroupedExperts, GroupedExpertsDeepEP, GroupedExpertsTE, MoEConfig
 from moe_modules import reference
 from moe_modules.te import transformer_engine_available
@@ -68,7 +68,7 @@ def stacked_params(module) -> dict:
 def stacked_grads(module) -> list:
     """Gradients of the stacked parameters, after a backward (TE's per-expert ones restacked)."""
     if isinstance(module, GroupedExpertsTE):
-        from moe_modules import te_layout
+        from moe_modules.te import layout as te_layout
 
         def per_expert(linear, kind):
             grads = [getattr(linear, f"{kind}{i}").grad for i in range(linear.num_gemms)]
@@ -170,7 +170,7 @@ def cmd_info(args) -> int:
     print(f"backends in priority order: {', '.join(names)}")
     for b in registry.backends():
         print(f"  {b.name}: {b.description}")
-    from moe_modules.ep_deep_ep import deep_ep_importable
+    from moe_modules.ep import deep_ep_importable
 
     print(f"expert parallelism through DeepEP's buffers (apply_ep(use_deep_ep=...)): "
           f"{'deep_ep importable' if deep_ep_importable() else 'no: the optional deep_ep package is not importable'}")

@@ -1,9 +1,11 @@
-"""The expert block as a composition of ``moe`` ops, shared by every expert module.
+"""The expert block of the stacked-parameter modules: the local experts on what a dispatcher received.
 
-    route -> gather -> grouped_mm(W1) [+ b1] -> activation * prob -> grouped_mm(W2) [+ prob * b2] -> combine
+    route -> [gather -> grouped_mm(W1) [+ b1] -> activation * prob] -> [grouped_mm(W2) [+ prob * b2] -> combine]
 
-The routing probability enters inside the activation and scales the down
-bias, as NeMo AutoModel does; the combine is then an unweighted float32 sum.
+The brackets are the fused ops ``moe.expert_up`` and ``moe.expert_down``: the gather and combine
+happen inside their GEMMs (no permuted copies).  The routing probability enters inside the
+activation and scales the down bias, as NeMo AutoModel does; the combine is then an unweighted
+float32 sum.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 import moe_ops
-from moe_ops import _checks
+from moe_modules.ep.dispatcher import Received
 
 
 @dataclass(frozen=True)
@@ -31,48 +32,19 @@ class Activation:
                    config.activation_linear_offset)
 
 
-def check_forward_inputs(x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor, dim: int) -> None:
-    """The experts' ``forward(x, token_mask, weights, indices)`` contract."""
-    _checks.tensor("x", x, dim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.size("x", x.shape[1], dim, "model dim (dim 1) equal to config.dim")
-    _checks.tensor("token_mask", token_mask, dim=1, dtypes=(torch.bool,))
-    _checks.tensor("weights", weights, dim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("indices", indices, dim=2, dtypes=_checks.INDEX_DTYPES)
-    T = x.shape[0]
-    _checks.size("token_mask", token_mask.shape[0], T, "number of tokens (dim 0 of x)")
-    _checks.size("weights", weights.shape[0], T, "number of tokens (dim 0 of x)")
-    _checks.size("indices", indices.shape[0], T, "number of tokens (dim 0 of x)")
-    _checks.size("indices", indices.shape[1], weights.shape[1], "experts per token (dim 1 of weights)")
-    _checks.same_device(x=x, token_mask=token_mask, weights=weights, indices=indices)
-
-
 def permuted_probs(weights: Tensor, pair_of_row: Tensor) -> Tensor:
-    """The routing weight of each expert-sorted row, ``[T*K]``."""
+    """The routing weight of each expert-sorted row, ``[N*K]``."""
     return weights.reshape(-1).gather(0, pair_of_row)
 
 
-def run_local_experts(
-    x: Tensor,
-    token_mask: Tensor,
-    weights: Tensor,
-    indices: Tensor,
-    w1: Tensor,
-    w2: Tensor,
-    b1: Optional[Tensor],
-    b2: Optional[Tensor],
-    act: Activation,
-    expert_start: int = 0,
-    out_dtype: Optional[torch.dtype] = None,
-) -> Tensor:
-    """``y[t] = sum_k w[t,k] (act(x[t] W1[e] + b1[e]) W2[e] + b2[e])`` over the pairs whose expert
-    ``e = indices[t,k]`` is local (``expert_start <= e < expert_start + w1.shape[0]``).
-
-    ``out_dtype`` (default ``x.dtype``): dtype of ``y``; expert parallelism asks for float32 partial
-    sums so that the cross-rank reduction does not round each rank's share to bfloat16 first."""
-    pair_of_row, row_of_pair, _, offsets = moe_ops.route(indices, token_mask, expert_start, w1.shape[0])
+def run_experts(received: Received, w1: Tensor, w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor],
+                act: Activation) -> Tensor:
+    """``partial[n] = sum_k w[n,k] (act(x[n] W1[e] + b1[e]) W2[e] + b2[e])`` over the slots whose local
+    expert ``e = indices[n,k]`` is one of the ``w1.shape[0]`` local experts, float32 sum, returned in
+    ``received.out_dtype``; exactly ``received.num_pairs`` rows go through the GEMMs when it is known."""
+    x, token_mask, weights, indices, num_pairs, out_dtype, _ = received
+    pair_of_row, row_of_pair, _, offsets = moe_ops.route(indices, token_mask, 0, w1.shape[0])
     probs = permuted_probs(weights, pair_of_row)
-    # The fused ops compute exactly gather -> grouped_mm(W1) [+ b1] -> activation * prob and
-    # grouped_mm(W2) [+ prob * b2] -> combine, without the permuted copies (moe_ops/ops/fused.py).
     a, _ = moe_ops.expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, act.kind, act.alpha, act.limit,
-                             act.linear_offset)
+                             act.linear_offset, num_pairs)
     return moe_ops.expert_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype)

@@ -19,8 +19,7 @@ from torch import Tensor
 
 import moe_ops
 from moe_modules.config import MoEConfig
-from moe_modules.deepep import GroupedExpertsDeepEP
-from moe_modules.grouped_experts import GroupedExperts
+from moe_modules.grouped_experts import GroupedExperts, GroupedExpertsDeepEP
 from moe_modules.te import GroupedExpertsTE
 
 

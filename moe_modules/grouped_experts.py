@@ -1,40 +1,83 @@
-"""GroupedExperts: the expert block on one device, or expert parallel by all-gather / reduce-scatter."""
+"""GroupedExperts and GroupedExpertsDeepEP: the stacked expert parameters and the fused expert block.
+
+The two share everything but their default transport under expert parallelism (all-gather /
+reduce-scatter for ``GroupedExperts``, all-to-all dispatch / combine for ``GroupedExpertsDeepEP``,
+as in NeMo AutoModel); :func:`moe_modules.apply_ep` runs either over any transport.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+import moe_ops
 from moe_modules._params import create_expert_params, init_expert_params, local_expert_params
 from moe_modules.config import MoEConfig
-from moe_modules.expert_block import Activation, check_forward_inputs, run_local_experts
+from moe_modules.ep import make_dispatcher
+from moe_modules.ep.dispatcher import Dispatcher, LocalDispatcher
+from moe_modules.expert_block import Activation, run_experts
 
 
-class GroupedExperts(nn.Module):
-    """Sparse MoE experts computed with grouped GEMMs (NeMo AutoModel's ``GroupedExperts`` contract).
-
-    Parameters (x @ W orientation): ``gate_and_up_projs [E, D, 2I]`` (``[E, D, I]`` for relu2),
+class _StackedExperts(nn.Module):
+    """Parameters (x @ W orientation): ``gate_and_up_projs [E, D, 2I]`` (``[E, D, I]`` for relu2),
     ``down_projs [E, I, D]``, and with ``config.expert_bias`` ``gate_up_proj_bias``, ``down_proj_bias``.
-    Under expert parallelism (:func:`moe_modules.apply_ep`) they are ``Shard(0)`` DTensors.
-    """
+    Under expert parallelism (:func:`moe_modules.apply_ep`) they are ``Shard(0)`` DTensors."""
+
+    default_transport = "all_to_all"
 
     def __init__(self, config: MoEConfig):
         super().__init__()
         self.config = config
         self.n_routed_experts = config.n_routed_experts
         self.activation = Activation.from_config(config)
-        self.ep_mesh = None
+        self.use_dispatcher(LocalDispatcher())
         create_expert_params(self, config)
+
+    def use_dispatcher(self, dispatcher: Dispatcher) -> None:
+        """Move tokens with ``dispatcher`` (:func:`moe_modules.apply_ep` builds it)."""
+        self.token_dispatcher = dispatcher
+        self.ep_mesh = dispatcher.ep_mesh
 
     def forward(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         """``x [T, D]``, ``token_mask [T]`` bool, ``weights [T, K]``, ``indices [T, K]`` -> ``[T, D]`` in ``x.dtype``."""
-        check_forward_inputs(x, token_mask, weights, indices, self.config.dim)
-        w1, w2, b1, b2 = local_expert_params(self)
-        if self.ep_mesh is None:
-            return run_local_experts(x, token_mask, weights, indices, w1, w2, b1, b2, self.activation)
-        from moe_modules.parallel import all_gather_experts
-
-        return all_gather_experts(self, x, token_mask, weights, indices, w1, w2, b1, b2)
+        moe_ops.check_expert_inputs(x, token_mask, weights, indices, self.config.dim)
+        received = self.token_dispatcher.dispatch(x, token_mask, weights, indices)
+        partial = run_experts(received, *local_expert_params(self), self.activation)
+        return self.token_dispatcher.combine(partial, received)
 
     def init_weights(self, buffer_device: torch.device, init_std: float = 0.02) -> None:
         init_expert_params(self, buffer_device, init_std)
+
+
+class GroupedExperts(_StackedExperts):
+    """Sparse MoE experts computed with grouped GEMMs (NeMo AutoModel's ``GroupedExperts`` contract);
+    expert parallel by all-gather / reduce-scatter by default."""
+
+    default_transport = "all_gather"
+
+
+class GroupedExpertsDeepEP(_StackedExperts):
+    """NeMo AutoModel's ``GroupedExpertsDeepEP`` contract: expert parallel by all-to-all dispatch /
+    combine by default (through DeepEP's buffers where ``deep_ep`` is importable).  On one device
+    every expert is local and the result equals :class:`GroupedExperts`."""
+
+    def init_token_dispatcher(self, ep_mesh, max_tokens_per_rank: Optional[int] = None,
+                              use_deep_ep: Optional[bool] = None) -> None:
+        """All-to-all dispatch / combine over ``ep_mesh`` (NeMo's entry point; :func:`moe_modules.apply_ep`
+        also shards the parameters): the options as for ``apply_ep``."""
+        self.use_dispatcher(make_dispatcher(ep_mesh, self.n_routed_experts, max_tokens_per_rank=max_tokens_per_rank,
+                                            use_deep_ep=use_deep_ep))
+
+    @staticmethod
+    def _apply_bias(value: Tensor, bias: Optional[Tensor], tokens_per_expert: Tensor, permuted_probs=None) -> Tensor:
+        """Add ``bias[e]`` (times ``permuted_probs`` when given) to the rows of each expert ``e``.
+
+        ``value [N, C]`` rows sorted by expert, ``tokens_per_expert [E]`` (device or host ints).
+        """
+        if bias is None:
+            return value
+        counts = torch.as_tensor(tokens_per_expert, device=value.device)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        return moe_ops.add_expert_bias(value, bias, offsets, permuted_probs)

@@ -11,9 +11,14 @@ from moe_ops.ops.grouped_mm import clear_tail_, grouped_mm, grouped_mm_wgrad
 from moe_ops.ops.bias import add_expert_bias, expert_bias_backward
 from moe_ops.ops.activation import GATED, activation, activation_backward, check_activation
 from moe_ops.ops.fused import expert_down, expert_down_backward, expert_up, expert_up_backward
-from moe_ops.ops.peer import gather_from, put_to, sum_from
+from moe_ops.ops.peer import MAX_SOURCES, gather_from, put_to, sum_from
+from moe_ops.ops.exchange import peer_combine, peer_dispatch
+from moe_ops.ops.opaque_module import ObjectRegistry, OpaqueResult, opaque_call
+from moe_ops.ops.opaque_module import register_function as register_opaque_function
 from moe_ops import backends as _backends  # noqa: F401  (registers the backends)
+from moe_ops import registry
 from moe_ops.registry import NoBackendError, set_backend, use_backend
+from moe_ops._checks import expert_inputs as check_expert_inputs
 
 __all__ = [
     "route",
@@ -34,8 +39,17 @@ __all__ = [
     "gather_from",
     "sum_from",
     "put_to",
+    "MAX_SOURCES",
+    "peer_dispatch",
+    "peer_combine",
+    "opaque_call",
+    "OpaqueResult",
+    "ObjectRegistry",
+    "register_opaque_function",
     "GATED",
     "check_activation",
+    "check_expert_inputs",
+    "registry",
     "NoBackendError",
     "set_backend",
     "use_backend",

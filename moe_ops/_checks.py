@@ -114,3 +114,21 @@ def row_probs(name: str, probs: Optional[torch.Tensor], rows) -> None:
     if probs.dim() not in (1, 2) or (probs.dim() == 2 and probs.shape[1] != 1):
         raise ValueError(f"{name}: expected shape [N] or [N, 1], got {_shape(probs)}")
     size(name, probs.shape[0], rows, "number of rows (dim 0)")
+
+
+def expert_inputs(x: torch.Tensor, token_mask: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                  dim: Optional[int] = None) -> None:
+    """The expert block's inputs: ``x [T, D]`` (``D == dim`` when given), ``token_mask [T]`` bool,
+    ``weights [T, K]``, ``indices [T, K]`` int32/int64, on one device."""
+    tensor("x", x, dim=2, dtypes=FLOAT_DTYPES)
+    if dim is not None:
+        size("x", x.shape[1], dim, "model dim (dim 1) equal to config.dim")
+    tensor("token_mask", token_mask, dim=1, dtypes=(torch.bool,))
+    tensor("weights", weights, dim=2, dtypes=FLOAT_DTYPES)
+    tensor("indices", indices, dim=2, dtypes=INDEX_DTYPES)
+    T = x.shape[0]
+    size("token_mask", token_mask.shape[0], T, "number of tokens (dim 0 of x)")
+    size("weights", weights.shape[0], T, "number of tokens (dim 0 of x)")
+    size("indices", indices.shape[0], T, "number of tokens (dim 0 of x)")
+    size("indices", indices.shape[1], weights.shape[1], "experts per token (dim 1 of weights)")
+    same_device(x=x, token_mask=token_mask, weights=weights, indices=indices)

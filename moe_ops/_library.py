@@ -11,7 +11,8 @@ Two rules come with the lower-level API:
 
 * The dispatcher hands the kernel only the arguments the caller passed (trailing defaulted
   arguments left out), so a kernel, its fake and the backends' kernels repeat the schema's
-  defaults as Python defaults.
+  defaults as Python defaults.  The backends' reasons need not: ``define`` hands the registry
+  the schema's argument names and defaults, and their ``registry.Inputs`` has them filled.
 * Outputs must never alias inputs (nothing checks it eagerly; under the ``CI`` variable
   torch.compile raises, elsewhere it warns).
 
@@ -39,26 +40,37 @@ def define(
     backward: Optional[Callable] = None,
     setup_context: Optional[Callable] = None,
     tags: tuple = (),
+    kernel: Optional[Callable] = None,
 ) -> torch._ops.OpOverload:
     """Define ``moe::<schema>``; its kernel validates the inputs and runs the registry's choice of backend.
 
     ``validate(*args)`` raises on bad inputs (eager and fake alike); ``fake(*args)`` returns outputs
     of the right shapes; ``backward`` / ``setup_context`` as for ``torch.library.register_autograd``.
+    ``kernel``: the op's one implementation, for an op that is no backend's choice (the peer exchange,
+    which moves rows between ranks and runs its own steps through the registry).
     """
     name = schema.split("(", 1)[0]
-    registry.register_op(name)
     LIB.define(schema, tags=tags)
+    if kernel is None:
+        # The argument names and defaults, for the backends' reasons (registry.Inputs: inputs.x, inputs.offsets).
+        arguments = torch._C.parse_schema(f"{NAMESPACE}::{schema}").arguments
+        registry.register_op(name, [a.name for a in arguments],
+                             {a.name: a.default_value for a in arguments if a.has_default_value()})
 
-    def kernel(*args):
-        validate(*args)
-        return registry.call(name, *args)
+        def impl(*args):
+            validate(*args)
+            return registry.call(name, *args)
+    else:
+        def impl(*args):
+            validate(*args)
+            return kernel(*args)
 
     def fake_kernel(*args):
         validate(*args)
         return fake(*args)
 
-    kernel.__name__ = fake_kernel.__name__ = name
-    LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    impl.__name__ = fake_kernel.__name__ = name
+    LIB.impl(name, impl, "CompositeExplicitAutograd")
     qualname = f"{NAMESPACE}::{name}"
     torch.library.register_fake(qualname, fake_kernel, lib=LIB)
     if backward is not None:

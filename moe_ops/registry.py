@@ -1,41 +1,117 @@
 """The one backend registry: which kernel runs each ``moe`` op.
 
 Every backend (a module in ``moe_ops.backends``) exposes a :class:`Backend`:
-a name, a kernel per op it implements, and ``not_supported_reasons(op, args)``
-— an empty list when it can take those inputs, else why not.  Each op's
-implementation calls :func:`call`, which runs the first backend in
-:data:`PRIORITY` that supports the inputs, unless a backend is forced:
+a name, a kernel per op it implements, and ``not_supported_reasons(op, inputs)``
+— an empty list when it can take those inputs, else why not.  ``inputs`` is an
+:class:`Inputs` record: the op's arguments by their schema names (``inputs.x``,
+``inputs.offsets``), or None when asked without inputs (the support table).
+Each op's implementation calls :func:`call`, which runs the first backend in
+:data:`PRIORITY` that supports the inputs, unless a backend is forced for the
+op, for its family (:data:`FAMILIES`: ``gemm`` is every op that runs the expert
+GEMMs) or for every op:
 
-* API:          ``set_backend("reference")`` or ``set_backend("reference", op="grouped_mm")``
-* context:      ``with use_backend("reference"):`` / ``with use_backend(grouped_mm="reference"):``
-* environment:  ``MOE_OPS_BACKEND=reference`` or ``MOE_OPS_BACKEND=grouped_mm=reference,combine=triton``
+* API:          ``set_backend("reference")``, ``set_backend("reference", op="grouped_mm")``,
+                ``set_backend("triton", op="gemm")``
+* context:      ``with use_backend("reference"):`` / ``with use_backend(grouped_mm="reference"):`` /
+                ``with use_backend(gemm="triton"):``
+* environment:  ``MOE_OPS_BACKEND=reference``, ``MOE_OPS_BACKEND=gemm=triton`` or
+                ``MOE_OPS_BACKEND=grouped_mm=reference,combine=triton``
 
-Precedence: context manager, then ``set_backend``, then the environment.  A
-forced backend that cannot take the inputs raises rather than falling back,
-and when no backend can, the error lists every backend with its reasons.
+Precedence: context manager (innermost first; it belongs to its thread), then
+``set_backend``, then the environment (both process-wide); within one of them,
+the op's own key, then its family, then every op.  Forcing every op applies
+only to the ops that backend has a kernel for (the others keep their choice);
+forcing an op or family on a backend without its kernel raises ValueError at
+once.  A forced backend that cannot take the inputs raises rather than falling
+back, and when no backend can, the error lists every backend with its reasons.
 The choice is made each time an op runs, so a compiled graph follows the
 current setting without recompiling.
 
 The choice is cached (this is every op call's path): the key is the op, the forced backend, each
 backend's run-time ``state()`` and :func:`input_key` of the arguments — everything the backends'
-reasons may read.  Reasons are computed only on a miss, and again when no backend fits (the error).
+reasons may read.  Reasons are computed only on a miss, and again when no backend fits (the error);
+only then is the :class:`Inputs` record built.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
 ENV_VAR = "MOE_OPS_BACKEND"
 ALL_OPS = "*"
 
+# Op families: one key forces every op of the family.  "gemm": the ops that run the expert GEMMs — the
+# fused ops are what the modules call, so forcing grouped_mm alone does not reach a module.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "gemm": ("grouped_mm", "grouped_mm_wgrad", "expert_up", "expert_up_backward", "expert_down",
+             "expert_down_backward"),
+}
+_FAMILY_OF = {op: family for family, ops in FAMILIES.items() for op in ops}
+
 
 class NoBackendError(RuntimeError):
     """No backend can run an op on the given inputs."""
+
+
+# Per op: its schema's argument names, in order, and the defaults of those that have one.
+_SIGNATURES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {}
+_INPUTS_ATTRIBUTES = frozenset({"op", "args", "names", "get", "tensors"})  # no argument may be named so
+
+
+class Inputs:
+    """One call's arguments by name: ``inputs.x``, ``inputs.offsets`` (the op's schema names), with the
+    schema's defaults filled for trailing arguments the caller left out (the dispatcher drops them).
+
+    ``op``: the op; ``args``: every argument in schema order (defaults filled); ``names``: theirs;
+    ``tensors()``: every tensor argument, lists flattened.  Built only when the backends' reasons are
+    asked (a miss of the choice's cache, or the error), never on the cached path.
+    """
+
+    __slots__ = ("op", "args", "_values")
+
+    def __init__(self, op: str, args: Sequence):
+        names, defaults = _SIGNATURES.get(op, ((), {}))
+        args = tuple(args)
+        for name in names[len(args):]:  # trailing arguments the caller left out
+            if name not in defaults:
+                break
+            args += (defaults[name],)
+        self.op, self.args = op, args
+        self._values = dict(zip(names, args))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._values)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # not an argument (and no recursion before _values is set)
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"moe::{self.op} has no argument {name!r}; its arguments: "
+                                 f"{list(self._values)}") from None
+
+    def get(self, name: str, default=None):
+        return self._values.get(name, default)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor argument, lists of tensors flattened, in schema order."""
+        flat = (t for a in self.args for t in (a if isinstance(a, (list, tuple)) else (a,)))
+        return [t for t in flat if isinstance(t, torch.Tensor)]
+
+    def __repr__(self) -> str:
+        def show(v):
+            return f"Tensor{list(v.shape)}[{str(v.dtype).replace('torch.', '')}, {v.device}]" \
+                if isinstance(v, torch.Tensor) else repr(v)
+        names = list(self._values) + [f"#{i}" for i in range(len(self._values), len(self.args))]
+        return f"Inputs(moe::{self.op}: {', '.join(f'{n}={show(v)}' for n, v in zip(names, self.args))})"
 
 
 @dataclass(frozen=True)
@@ -45,15 +121,20 @@ class Backend:
     kernels: Mapping[str, Callable]
     # Why this backend cannot run here at all (missing package, no GPU...): [] when it can.
     unavailable_reasons: Callable[[], list[str]]
-    # Why it cannot take these inputs for this op, given that it is available: [] when it can.
-    input_reasons: Callable[[str, tuple], list[str]]
+    # Why it cannot take these inputs for this op, given that it is available: [] when it can.  Called with
+    # the op and its Inputs (arguments by name), or None when asked without inputs (the support table).
+    input_reasons: Callable[[str, Optional[Inputs]], list[str]]
     # What its availability depends on that can change while the process runs (part of the cache key).
     state: Optional[Callable[[], Hashable]] = None
 
-    def not_supported_reasons(self, op: str, args: tuple = ()) -> list[str]:
+    def not_supported_reasons(self, op: str, inputs: Union[Inputs, Sequence, None] = None) -> list[str]:
+        """Why this backend cannot run ``op`` on ``inputs`` (an :class:`Inputs`, or the op's positional
+        arguments as a tuple; None or ``()``: asked without inputs): [] when it can."""
         if op not in self.kernels:
             return [f"has no {op} kernel"]
-        return self.unavailable_reasons() or self.input_reasons(op, args)
+        if inputs is not None and not isinstance(inputs, Inputs):
+            inputs = Inputs(op, inputs) if len(inputs) else None
+        return self.unavailable_reasons() or self.input_reasons(op, inputs)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -62,8 +143,19 @@ OPS: list[str] = []  # every op name, in definition order
 
 _priorities: dict[str, int] = {}
 _op_priorities: dict[str, dict[str, int]] = {}  # backend -> {op: priority overriding its own}
-_api_choice: dict[str, str] = {}
-_context_stack: list[dict[str, str]] = []
+_api_choice: dict[str, str] = {}  # set_backend: process-wide
+
+
+class _Contexts(threading.local):
+    """``use_backend``'s layers, one stack per thread (innermost last)."""
+
+    def __init__(self):  # runs once in each thread that reads it: the attribute is always there (fast)
+        self.stack: list[dict[str, str]] = []
+
+
+_contexts = _Contexts()
+_open_contexts = [0]  # open use_backend blocks in all threads: the hot path reads no thread-local while 0
+_open_lock = threading.Lock()
 _env_cache: tuple[Optional[str], dict[str, str]] = (None, {})
 _order_cache: dict[str, list[str]] = {}
 _choice_cache: dict[tuple, Backend] = {}
@@ -81,9 +173,15 @@ def register_backend(backend: Backend, *, priority: int, op_priorities: Optional
     _choice_cache.clear()
 
 
-def register_op(name: str) -> None:
+def register_op(name: str, arguments: Sequence[str] = (), defaults: Optional[Mapping[str, Any]] = None) -> None:
+    """Add an op that runs the registry's choice; ``arguments``: its schema's argument names in order,
+    ``defaults``: those with a default value (filled into :class:`Inputs` when the caller left them out)."""
+    clash = _INPUTS_ATTRIBUTES.intersection(arguments)
+    if clash:
+        raise ValueError(f"moe::{name}: argument names {sorted(clash)} are taken by registry.Inputs")
     if name not in OPS:
         OPS.append(name)
+    _SIGNATURES[name] = (tuple(arguments), dict(defaults or {}))
 
 
 def backends(op: Optional[str] = None) -> list[Backend]:
@@ -103,7 +201,7 @@ def get_backend(name: str) -> Backend:
 
 
 def _parse(spec: str, source: str) -> dict[str, str]:
-    """'reference' or 'grouped_mm=reference,combine=triton' -> {op or '*': backend}."""
+    """'reference', 'gemm=triton' or 'grouped_mm=reference,combine=triton' -> {op, family or '*': backend}."""
     choice: dict[str, str] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         op, _, name = item.rpartition("=")
@@ -113,10 +211,18 @@ def _parse(spec: str, source: str) -> dict[str, str]:
 
 
 def _check_choice(op: str, name: str, source: str) -> None:
-    if op != ALL_OPS and op not in OPS:
-        raise ValueError(f"{source}: unknown op {op!r}; expected one of {OPS}")
+    """``op``: an op, a family or '*'; ``name`` must be a backend with a kernel for the op (every op of the family)."""
+    if op != ALL_OPS and op not in OPS and op not in FAMILIES:
+        raise ValueError(f"{source}: unknown op {op!r}; expected one of {OPS} or a family of {sorted(FAMILIES)}")
     if name not in _BACKENDS:
         raise ValueError(f"{source}: unknown backend {name!r}; expected one of {list(PRIORITY)}")
+    ops = () if op == ALL_OPS else FAMILIES.get(op, (op,))  # every op: only those it has a kernel for
+    missing = [o for o in ops if o not in _BACKENDS[name].kernels]
+    if missing:
+        what = f"the op family {op!r} ({', '.join(ops)})" if op in FAMILIES else f"op {op!r}"
+        able = [b for b in PRIORITY if all(o in _BACKENDS[b].kernels for o in ops)]
+        raise ValueError(f"{source}: backend {name!r} has no {', '.join(missing)} kernel, so it cannot be forced "
+                         f"for {what}; backends that can: {able}")
 
 
 def _env_choice() -> dict[str, str]:
@@ -128,19 +234,29 @@ def _env_choice() -> dict[str, str]:
 
 
 def forced_backend(op: str) -> Optional[str]:
-    """The backend forced for ``op`` by context, API or environment, if any."""
+    """The backend forced for ``op`` by context (this thread's), API or environment, if any.
+
+    Per layer (innermost context first, then ``set_backend``, then the environment): the op's own key,
+    then its family's, then every op's — that last only where the backend has a kernel for ``op``."""
     env = _env_choice()
-    if not (_context_stack or _api_choice or env):  # the usual case: nothing forced
+    if not (_open_contexts[0] or _api_choice or env):  # the usual case: nothing forced
         return None
-    for layer in (*reversed(_context_stack), _api_choice, env):
-        for key in (op, ALL_OPS):
-            if key in layer:
-                return layer[key]
+    stack = _contexts.stack
+    family = _FAMILY_OF.get(op)
+    for layer in (*reversed(stack), _api_choice, env):
+        if op in layer:
+            return layer[op]
+        if family in layer:
+            return layer[family]
+        name = layer.get(ALL_OPS)
+        if name is not None and op in _BACKENDS[name].kernels:
+            return name
     return None
 
 
 def set_backend(backend: Optional[str], op: Optional[str] = None) -> None:
-    """Force ``backend`` for ``op`` (every op when None); ``backend=None`` restores the default."""
+    """Force ``backend`` for ``op`` — an op, a family of :data:`FAMILIES` (``"gemm"``) or, when None, every op
+    the backend has a kernel for — in every thread; ``backend=None`` restores the default for that key."""
     key = op or ALL_OPS
     if backend is None:
         _api_choice.pop(key, None)
@@ -151,17 +267,24 @@ def set_backend(backend: Optional[str], op: Optional[str] = None) -> None:
 
 @contextlib.contextmanager
 def use_backend(backend: Optional[str] = None, **per_op: str) -> Iterator[None]:
-    """Force a backend for every op (``use_backend("reference")``) or per op (``use_backend(grouped_mm="torch")``)."""
+    """Force a backend, in this thread, inside the block: for every op it has a kernel for
+    (``use_backend("reference")``), per op (``use_backend(grouped_mm="torch")``) or per family
+    (``use_backend(gemm="triton")``: every op of ``FAMILIES["gemm"]``)."""
     layer = dict(per_op)
     if backend is not None:
         layer[ALL_OPS] = backend
     for op, name in layer.items():
         _check_choice(op, name, "use_backend")
-    _context_stack.append(layer)
+    stack = _contexts.stack  # this thread's
+    stack.append(layer)
+    with _open_lock:
+        _open_contexts[0] += 1
     try:
         yield
     finally:
-        _context_stack.pop()
+        stack.pop()
+        with _open_lock:
+            _open_contexts[0] -= 1
 
 
 def _report(op: str, reasons: Mapping[str, Sequence[str]]) -> str:
@@ -194,15 +317,16 @@ def input_key(args: tuple) -> tuple:
 
 
 def _choose_uncached(op: str, args: tuple, forced: Optional[str]) -> Backend:
+    inputs = Inputs(op, args)  # by name, for the backends' reasons: only here, on a miss
     if forced is not None:
         backend = _BACKENDS[forced]
-        reasons = backend.not_supported_reasons(op, args)
+        reasons = backend.not_supported_reasons(op, inputs)
         if reasons:
             raise NoBackendError(_report(op, {f"{forced} (forced)": reasons}))
         return backend
     all_reasons = {}
     for backend in backends(op):
-        reasons = backend.not_supported_reasons(op, args)
+        reasons = backend.not_supported_reasons(op, inputs)
         if not reasons:
             return backend
         all_reasons[backend.name] = reasons

@@ -30,11 +30,18 @@ TOKEN_LAYOUTS = {
     2: {"uneven": (5, 8), "empty_rank": (0, 7)},
     4: {"uneven": (4, 7, 2, 5), "empty_rank": (6, 0, 3, 5)},
 }
-# "+peer": GroupedExpertsDeepEP with apply_ep(max_tokens_per_rank=PEER_CAPACITY), the static-shape
-# peer-memory dispatch (on gloo its peer loads are stood in for by an all-gather).
-PEER = "+peer"
+# A module spec is "Class" (apply_ep's default transport for it) or "Class@transport".  "@peer" is
+# apply_ep(max_tokens_per_rank=PEER_CAPACITY), the static-shape peer-memory dispatch (on gloo its peer
+# loads are stood in for by an all-gather).
 PEER_CAPACITY = 9  # above every layout's largest rank, so receivers hold padding rows
-MODULES = ("GroupedExperts", "GroupedExpertsDeepEP", "GroupedExpertsDeepEP" + PEER)
+TRANSPORT_OPTIONS = {"all_gather": {"transport": "all_gather"}, "all_to_all": {"transport": "all_to_all"},
+                     "peer": {"max_tokens_per_rank": PEER_CAPACITY}}
+# Every activation, with and without bias, both layouts, compiled too.
+MODULES = ("GroupedExperts", "GroupedExpertsDeepEP", "GroupedExpertsDeepEP@peer")
+# Every module over every transport gloo carries (GroupedExpertsTE on the CPU stand-in of Transformer
+# Engine): one activation with bias, both layouts, compiled too.
+TRANSPORT_MATRIX = ("GroupedExperts@all_to_all", "GroupedExperts@peer", "GroupedExpertsDeepEP@all_gather",
+                    "GroupedExpertsTE@all_gather", "GroupedExpertsTE@all_to_all", "GroupedExpertsTE@peer")
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,9 @@ class Case:
 def cases(world_size: int) -> list[Case]:
     eager = [Case(m, a, b, layout) for m in MODULES for a in ACTIVATIONS for b in (False, True)
              for layout in TOKEN_LAYOUTS[world_size]]
-    # torch.compile(fullgraph=True) of both modules on the hardest layout (a rank with no token).
-    compiled = [Case(m, "quick_geglu", True, "empty_rank", compiled=True) for m in MODULES]
+    eager += [Case(m, "quick_geglu", True, layout) for m in TRANSPORT_MATRIX for layout in TOKEN_LAYOUTS[world_size]]
+    # torch.compile(fullgraph=True) of every module spec on the hardest layout (a rank with no token).
+    compiled = [Case(m, "quick_geglu", True, "empty_rank", compiled=True) for m in MODULES + TRANSPORT_MATRIX]
     return eager + compiled
 
 
@@ -114,11 +122,12 @@ def expert_slice(world_size: int, rank: int) -> slice:
 def new_module(module_name: str, cfg):
     import moe_modules
 
-    return getattr(moe_modules, module_name.removesuffix(PEER))(cfg)
+    return getattr(moe_modules, module_name.split("@")[0])(cfg)
 
 
 def ep_options(module_name: str) -> dict:
-    return {"max_tokens_per_rank": PEER_CAPACITY} if module_name.endswith(PEER) else {}
+    _, _, transport = module_name.partition("@")
+    return TRANSPORT_OPTIONS[transport] if transport else {}
 
 
 def build_module(module_name: str, cfg, params: dict, mesh):
@@ -126,14 +135,34 @@ def build_module(module_name: str, cfg, params: dict, mesh):
     import moe_modules
 
     module = new_module(module_name, cfg)
-    with torch.no_grad():
-        for name in PARAM_NAMES:
-            if getattr(module, name) is not None:
-                getattr(module, name).copy_(params[name])
+    module.load_state_dict({name: params[name] for name in PARAM_NAMES if params[name] is not None})
     return moe_modules.apply_ep(module, mesh, **ep_options(module_name))
 
 
-def run_case(case: Case, mesh, rank: int, world_size: int) -> dict:
+def local_grads(module) -> dict:
+    """The gradients of this rank's experts in the stacked layout, ``{name + "_grad": [E_local, ...]}``."""
+    from moe_modules.te import GroupedExpertsTE, layout
+
+    grads = {}
+    if isinstance(module, GroupedExpertsTE):  # per-expert TE parameters: weight{i} [out, in], bias{i}
+        for name, linear in (("gate_and_up_projs", module.gate_up_linear), ("down_projs", module.down_linear)):
+            n = linear.num_gemms
+            grads[name + "_grad"] = layout.stacked_from_te_weights([getattr(linear, f"weight{i}").grad
+                                                                    for i in range(n)])
+            if module.config.expert_bias:
+                bias = "gate_up_proj_bias" if name == "gate_and_up_projs" else "down_proj_bias"
+                grads[bias + "_grad"] = layout.stacked_from_te_biases([getattr(linear, f"bias{i}").grad
+                                                                       for i in range(n)])
+        return grads
+    for name in PARAM_NAMES:
+        p = getattr(module, name)
+        if p is not None:
+            grads[name + "_grad"] = None if p.grad is None else p.grad.to_local()
+    return grads
+
+
+def run_case(case: Case, mesh, rank: int, world_size: int) -> tuple[dict, str]:
+    """This rank's output and gradients, and the name of the dispatcher apply_ep gave the module."""
     inputs = make_inputs(case, world_size)
     module = build_module(case.module, config(case.activation, case.bias), inputs, mesh)
     forward = torch.compile(module, fullgraph=True, backend="aot_eager") if case.compiled else module
@@ -142,12 +171,8 @@ def run_case(case: Case, mesh, rank: int, world_size: int) -> dict:
     weights = inputs["weights"][mine].clone().requires_grad_()
     y = forward(x, inputs["token_mask"][mine], weights, inputs["indices"][mine])
     (y * inputs["grad_y"][mine]).sum().backward()
-    result = {"y": y.detach(), "x_grad": x.grad, "weights_grad": weights.grad}
-    for name in PARAM_NAMES:
-        p = getattr(module, name)
-        if p is not None:
-            result[name + "_grad"] = None if p.grad is None else p.grad.to_local()
-    return result
+    result = {"y": y.detach(), "x_grad": x.grad, "weights_grad": weights.grad, **local_grads(module)}
+    return result, type(module.token_dispatcher).__name__
 
 
 def check_state_dict_round_trip(mesh, rank: int, world_size: int, directory: str) -> list[str]:
@@ -231,8 +256,8 @@ def check_bad_meshes(mesh, world_size: int) -> dict:
             messages[module_name + "-twice"] = None
         except ValueError as error:
             messages[module_name + "-twice"] = str(error)
-    # The peer-memory dispatch: more tokens than max_tokens_per_rank, and a module without a dispatcher.
-    module = build_module("GroupedExpertsDeepEP" + PEER, config("swiglu", False), make_inputs(
+    # The peer-memory dispatch: more tokens than max_tokens_per_rank.
+    module = build_module("GroupedExpertsDeepEP@peer", config("swiglu", False), make_inputs(
         Case("GroupedExpertsDeepEP", "swiglu", False, "uneven"), world_size), mesh)
     T = PEER_CAPACITY + 1
     try:
@@ -241,19 +266,24 @@ def check_bad_meshes(mesh, world_size: int) -> dict:
         messages["peer-over-capacity"] = None
     except ValueError as error:
         messages["peer-over-capacity"] = str(error)
-    try:
-        moe_modules.apply_ep(new_module("GroupedExperts", config("swiglu", False)), mesh,
-                             max_tokens_per_rank=PEER_CAPACITY)
-        messages["peer-grouped-experts"] = None
-    except ValueError as error:
-        messages["peer-grouped-experts"] = str(error)
+    # Options that name no transport, or two: refused before anything is sharded.
+    for name, options in {"unknown-transport": {"transport": "nccl"},
+                          "capacity-without-peer": {"transport": "all_gather", "max_tokens_per_rank": PEER_CAPACITY},
+                          "deep-ep-over-all-gather": {"transport": "all_gather", "use_deep_ep": True}}.items():
+        module = new_module("GroupedExperts", config("swiglu", False))
+        try:
+            moe_modules.apply_ep(module, mesh, **options)
+            messages[name] = None
+        except ValueError as error:
+            messages[name] = str(error)
+        messages[name + "-left-unsharded"] = type(module.token_dispatcher).__name__
     return messages
 
 
 def opcheck_peer_ops(mesh, rank: int, world_size: int) -> dict:
     """``torch.library.opcheck`` of the peer dispatch's own ops on this group (every rank runs the same
     checks, so their collectives line up).  Returns ``{op: {test: outcome}}``."""
-    from moe_modules.ep_peer import PeerDispatcher
+    from moe_modules.ep import PeerDispatcher
 
     case = Case("GroupedExpertsDeepEP", "swiglu", False, "uneven")
     inputs, mine = make_inputs(case, world_size), rank_slice(case, world_size, rank)
@@ -263,9 +293,9 @@ def opcheck_peer_ops(mesh, rank: int, world_size: int) -> dict:
     T, N = layout.pos.shape[0], world_size * PEER_CAPACITY
     tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     samples = {
-        "dispatch": (torch.ops.moe_ep.dispatch.default,
+        "dispatch": (torch.ops.moe.peer_dispatch.default,
                  (inputs["x"][mine].clone().requires_grad_(), torch.randn(T, 2, requires_grad=True), *layout, group)),
-        "combine": (torch.ops.moe_ep.combine.default,
+        "combine": (torch.ops.moe.peer_combine.default,
                      (torch.randn(N, DIM, requires_grad=True), torch.randn(N, 2, requires_grad=True), *layout, group,
                       None)),
     }
@@ -275,16 +305,67 @@ def opcheck_peer_ops(mesh, rank: int, world_size: int) -> dict:
                 for name, (op, args) in samples.items()}
 
 
+# The all-to-all forward in moe ops, eager: dispatch (route the pairs to ranks, gather the rows sent),
+# the block on what arrived (one route of the local pairs, the two fused ops on exactly the valid
+# pairs), combine (sum each token's partials from home ranks).  GroupedExpertsTE's block routes,
+# gathers, runs TE's GEMMs (one opaque call) and combines on the sorted rows.
+A2A_OPS = ["route", "gather", "route", "expert_up", "expert_down", "combine"]
+A2A_OPS_TE = ["route", "gather", "route", "gather", "opaque_forward", "combine", "combine"]
+
+
+def moe_ops_of_forward(module_name: str, mesh, world_size: int) -> dict:
+    """The ``moe::`` ops one eager forward calls (in order), and the Python calls it makes (for the record)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "moe":
+                self.ops.append(func._opname)
+            return func(*args, **(kwargs or {}))
+
+    case = Case(module_name, "swiglu", True, "uneven")
+    inputs = make_inputs(case, world_size)
+    module = build_module(module_name, config("swiglu", True), inputs, mesh)
+    mine = rank_slice(case, world_size, 0)
+    args = (inputs["x"][mine], inputs["token_mask"][mine], inputs["weights"][mine], inputs["indices"][mine])
+    module(*args)  # warm: the registry's choices are cached
+    with Log() as log:
+        module(*args)
+    calls = []  # the Python functions called, all and in our two packages
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls.append(frame.f_code.co_filename)
+
+    sys.setprofile(profile)
+    try:
+        module(*args)
+    finally:
+        sys.setprofile(None)
+    ours = [f for f in calls if f"{os.sep}moe_ops{os.sep}" in f or f"{os.sep}moe_modules{os.sep}" in f]
+    return {"ops": log.ops, "python_calls": len(calls), "python_files": len(set(calls)),
+            "our_python_calls": len(ours), "our_python_files": len(set(ours))}
+
+
 def worker(rank: int, world_size: int, directory: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     import moe_modules
 
+    import te_stand_in
+
     join_gloo(rank, world_size, directory)
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
-    results = {"cases": {}}
-    for case in cases(world_size):
-        results["cases"][case.name] = run_case(case, mesh, rank, world_size)
+    results = {"cases": {}, "dispatchers": {}}
+    with te_stand_in.stand_in_engine():
+        for case in cases(world_size):
+            results["cases"][case.name], results["dispatchers"][case.name] = run_case(case, mesh, rank, world_size)
+        results["a2a_forward"] = {m: moe_ops_of_forward(m, mesh, world_size)
+                                  for m in ("GroupedExpertsDeepEP", "GroupedExperts@all_to_all", "GroupedExpertsTE")}
     results["state_dict_failures"] = check_state_dict_round_trip(mesh, rank, world_size, directory)
     results["bad_mesh_messages"] = check_bad_meshes(mesh, world_size)
     results["peer_opcheck"] = opcheck_peer_ops(mesh, rank, world_size)
@@ -299,7 +380,7 @@ def worker(rank: int, world_size: int, directory: str) -> None:
         ep_mesh = mesh_2d["ep"]
         ep_rank = ep_mesh.get_local_rank()
         results["submesh_ep_rank"] = ep_rank
-        results["submesh_cases"] = {case.name: run_case(case, ep_mesh, ep_rank, 2) for case in submesh_cases()}
+        results["submesh_cases"] = {case.name: run_case(case, ep_mesh, ep_rank, 2)[0] for case in submesh_cases()}
         results["reshard_failures"] = check_reshard_load(ep_mesh, world_size, directory)
     save_and_exit(results, rank, directory)
 

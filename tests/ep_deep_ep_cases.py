@@ -15,23 +15,23 @@ import torch
 
 import deep_ep_stand_in
 import ep_cases
+import te_stand_in
 from ep_cases import PARAM_NAMES, Case, config, make_inputs, rank_slice
 
 MODULE = "GroupedExpertsDeepEP"
 CASES = [Case(MODULE, act, bias, layout) for act, bias in (("swiglu", False), ("quick_geglu", True), ("relu2", True))
          for layout in ("uneven", "empty_rank")]
 COMPILED_CASE = Case(MODULE, "quick_geglu", True, "empty_rank", compiled=True)
+# The other modules over DeepEP's buffers (one dispatcher protocol: any module, any transport).
+OTHER_MODULE_CASES = [Case(m, "quick_geglu", True, "uneven") for m in ("GroupedExperts", "GroupedExpertsTE")]
 
 
 def build(case: Case, mesh, dtype: torch.dtype, **options):
     import moe_modules
 
     inputs = make_inputs(case, mesh.size())
-    module = moe_modules.GroupedExpertsDeepEP(config(case.activation, case.bias, dtype=dtype))
-    with torch.no_grad():
-        for name in PARAM_NAMES:
-            if getattr(module, name) is not None:
-                getattr(module, name).copy_(inputs[name])
+    module = ep_cases.new_module(case.module, config(case.activation, case.bias, dtype=dtype))
+    module.load_state_dict({name: inputs[name].to(dtype) for name in PARAM_NAMES if inputs[name] is not None})
     return moe_modules.apply_ep(module, mesh, **options)
 
 
@@ -46,8 +46,7 @@ def run(module, case: Case, rank: int, world_size: int, dtype: torch.dtype) -> d
     y = forward(x, inputs["token_mask"][mine], weights, inputs["indices"][mine])
     (y * inputs["grad_y"][mine].to(dtype)).sum().backward()
     result = {"y": y.detach(), "x_grad": x.grad, "weights_grad": weights.grad}
-    result.update({name + "_grad": getattr(module, name).grad.to_local() for name in PARAM_NAMES
-                   if getattr(module, name) is not None})
+    result.update(ep_cases.local_grads(module))
     return {"result": result, "calls": dict(deep_ep_stand_in.Buffer.calls)}
 
 
@@ -64,7 +63,7 @@ def worker(rank: int, world_size: int, directory: str) -> None:
     from torch.distributed.tensor import DTensor
 
     import moe_modules
-    from moe_modules import ep_deep_ep
+    from moe_modules.ep import deep_ep as ep_deep_ep
 
     ep_cases.join_gloo(rank, world_size, directory)
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
@@ -104,8 +103,14 @@ def worker(rank: int, world_size: int, directory: str) -> None:
         out["required_float32_partials"] = message_of(lambda: run(required, fp32_case, rank, world_size, bf16))
         out["with_peer"] = message_of(lambda: build(fp32_case, mesh, bf16, use_deep_ep=True,
                                                     max_tokens_per_rank=ep_cases.PEER_CAPACITY))
-        out["grouped_experts"] = message_of(lambda: moe_modules.apply_ep(
-            moe_modules.GroupedExperts(config("swiglu", False)), mesh, use_deep_ep=True))
+        out["other_modules"] = {}
+        with te_stand_in.stand_in_engine():
+            for case in OTHER_MODULE_CASES:
+                module = build(case, mesh, bf16, reduce_dtype=None, use_deep_ep=True)
+                out["other_modules"][case.name] = dict(
+                    run(module, case, rank, world_size, bf16), dispatcher=type(module.token_dispatcher).__name__,
+                    all_to_all=run(build(case, mesh, bf16, reduce_dtype=None, transport="all_to_all",
+                                         use_deep_ep=False), case, rank, world_size, bf16))
     out["importable_after"] = ep_deep_ep.deep_ep_importable()
 
     ep_cases.save_and_exit(out, rank, directory)

@@ -336,8 +336,9 @@ def test_activation(kind, limit, with_probs, dtype):
 # ---- the fused expert block ---------------------------------------------------------------------
 
 
-def run_block(backend, kind: str, bias: bool, dtype, case: str, limit=7.0, out_dtype=None):
-    """route -> expert_up -> expert_down, forward and backward, every op on ``backend`` (a name, or per op)."""
+def run_block(backend, kind: str, bias: bool, dtype, case: str, limit=7.0, out_dtype=None, valid_rows_only=False):
+    """route -> expert_up -> expert_down, forward and backward, every op on ``backend`` (a name, or per op);
+    ``valid_rows_only``: expert_up's ``num_rows`` is the number of valid pairs (the EP receiver's call)."""
     torch.manual_seed(3)
     indices, mask, start, experts = make_routing(case)
     T, K = indices.shape
@@ -351,7 +352,9 @@ def run_block(backend, kind: str, bias: bool, dtype, case: str, limit=7.0, out_d
     with use_backend(**backend) if isinstance(backend, dict) else use_backend(backend):
         pair_of_row, row_of_pair, _, offsets = torch.ops.moe.route(indices, mask, start, experts)
         probs = weights.reshape(-1).gather(0, pair_of_row)
-        a, h = torch.ops.moe.expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, 1.702, limit, 1.0)
+        num_rows = int(offsets[-1]) if valid_rows_only else None
+        a, h = torch.ops.moe.expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, 1.702, limit, 1.0,
+                                       num_rows)
         y = torch.ops.moe.expert_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype)
         y.backward(randn(*y.shape, dtype=y.dtype))
     leaves = [x, weights, w1, w2] + ([b1, b2] if bias else [])
@@ -377,6 +380,17 @@ def test_fused_block_masked_pairs_and_float32_output():
     assert got[2].dtype == torch.float32
     for g, w in zip(got, want):
         assert_close(g, w, torch.bfloat16)
+
+
+def test_fused_block_on_the_valid_rows_only():
+    """``num_rows`` = the valid pairs: the Triton kernels write only those rows of ``a`` and ``h``, and
+    ``y`` and every gradient equal the reference's full call."""
+    got = run_block("triton", "swiglu", True, torch.float32, "mixed", valid_rows_only=True)
+    want = run_block("reference", "swiglu", True, torch.float32, "mixed")
+    n = got[0].shape[0]
+    assert n < want[0].shape[0]
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w[:n] if i < 2 else w, torch.float32)
 
 
 def test_triton_forward_with_another_backends_backward():
@@ -438,10 +452,10 @@ def test_garbage_indices_stay_in_bounds():
             torch.ops.moe.grouped_mm_wgrad(rows, rows, offsets)
             torch.ops.moe.add_expert_bias(rows, randn(3, D), offsets, torch.rand(M))
             torch.ops.moe.expert_bias_backward(rows, randn(3, D), offsets, torch.rand(M))
-            torch.ops.moe_triton.expert_up(x, pair_of_row, row_of_pair, offsets, randn(3, D, 2 * I), None, None,
-                                           "swiglu", 1.0, None, 0.0)
-            torch.ops.moe_triton.expert_down_backward(x, randn(M, I), randn(3, I, D), randn(3, D), torch.rand(M),
-                                                      pair_of_row, row_of_pair, offsets)
+            moe_ops.expert_up(x, pair_of_row, row_of_pair, offsets, randn(3, D, 2 * I), None, None,
+                              "swiglu", 1.0, None, 0.0)
+            moe_ops.expert_down_backward(x, randn(M, I), randn(3, I, D), randn(3, D), torch.rand(M),
+                                         pair_of_row, row_of_pair, offsets)
     # monotone offsets within range: the GEMM matches the reference exactly as usual
     offsets = torch.tensor([3, 3, 9], dtype=torch.int32)
     assert_close(*triton_and_reference("grouped_mm", rows, w, offsets), torch.float32)

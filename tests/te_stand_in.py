@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import moe_modules.te as te_module
+from moe_modules.te import engine as te_engine
 
 
 class _NaNGradForEmpty(torch.autograd.Function):
@@ -90,12 +90,12 @@ class StandInEngine:
 
 @contextlib.contextmanager
 def stand_in_engine(alignment: int = 1):
-    """``moe_modules.te`` builds and runs on the stand-in inside this context (no TE needed)."""
+    """``GroupedExpertsTE`` builds and runs on the stand-in inside this context (no TE needed)."""
     engine = StandInEngine(alignment)
-    saved = te_module._engine, te_module.require_transformer_engine
-    te_module._engine = lambda: engine
-    te_module.require_transformer_engine = lambda: None
+    saved = te_engine.load, te_engine.require_transformer_engine
+    te_engine.load = lambda: engine
+    te_engine.require_transformer_engine = lambda: None
     try:
         yield engine
     finally:
-        te_module._engine, te_module.require_transformer_engine = saved
+        te_engine.load, te_engine.require_transformer_engine = saved

@@ -4,9 +4,10 @@ One launch per world size runs every sub-case on one process group (``tests/ep_c
 tests here compare what each rank saved with a single-process float64 reference:
 
 * outputs and gradients (x, routing weights, the rank's parameter shards) of ``GroupedExperts``
-  (all-gather / reduce-scatter) and ``GroupedExpertsDeepEP`` (all-to-all), every activation, with
-  and without bias, uneven token counts and a rank with no token;
-* ``torch.compile(fullgraph=True)`` of both modules against eager;
+  (all-gather / reduce-scatter) and ``GroupedExpertsDeepEP`` (all-to-all, peer memory), every
+  activation, with and without bias, uneven token counts and a rank with no token;
+* every module (``GroupedExpertsTE`` on the stand-in of Transformer Engine) over every transport;
+* ``torch.compile(fullgraph=True)`` of each against eager;
 * ``apply_ep``'s state dict (same keys, Shard(0) DTensors, ``torch.distributed.checkpoint`` round trip)
   and its error for an expert count the EP size does not divide.
 
@@ -149,13 +150,42 @@ def test_outputs_and_gradients_match_float64_reference(ep_run):
     assert not failures, f"{len(failures)} mismatches:\n" + "\n".join(failures)
 
 
+DISPATCHERS = {"all_gather": "AllGatherDispatcher", "all_to_all": "AllToAllDispatcher", "peer": "PeerDispatcher"}
+DEFAULT_TRANSPORTS = {"GroupedExperts": "all_gather", "GroupedExpertsDeepEP": "all_to_all",
+                      "GroupedExpertsTE": "all_to_all"}
+
+
+def test_every_module_ran_over_every_transport(ep_run):
+    """Each module spec ran on the dispatcher it names (its default where it names none)."""
+    world_size, ranks = ep_run
+    specs = ep_cases.MODULES + ep_cases.TRANSPORT_MATRIX
+    assert {(m.split("@")[0], DISPATCHERS.get(m.partition("@")[2] or DEFAULT_TRANSPORTS[m])) for m in specs} >= {
+        (module, DISPATCHERS[t]) for module in DEFAULT_TRANSPORTS for t in ("all_gather", "all_to_all")}
+    for case in ep_cases.cases(world_size):
+        transport = case.module.partition("@")[2] or DEFAULT_TRANSPORTS[case.module]
+        for rank, results in enumerate(ranks):
+            assert results["dispatchers"][case.name] == DISPATCHERS[transport], (case.name, rank)
+
+
+def test_all_to_all_forward_routes_once_before_the_block_and_combines_once_after(ep_run):
+    """One route and one gather dispatch the rows, the block routes what arrived once and runs its fused
+    ops on exactly the valid pairs, one combine brings the partials home (issue 14: there were three
+    routes, two gathers and two combines)."""
+    _, ranks = ep_run
+    for rank, results in enumerate(ranks):
+        forward = results["a2a_forward"]
+        assert forward["GroupedExpertsDeepEP"]["ops"] == ep_cases.A2A_OPS, (rank, forward["GroupedExpertsDeepEP"])
+        assert forward["GroupedExperts@all_to_all"]["ops"] == ep_cases.A2A_OPS, rank
+        assert forward["GroupedExpertsTE"]["ops"] == ep_cases.A2A_OPS_TE, (rank, forward["GroupedExpertsTE"])
+
+
 def test_token_layouts_include_an_empty_rank_and_uneven_counts(ep_run):
     world_size, _ = ep_run
     layouts = ep_cases.TOKEN_LAYOUTS[world_size]
     assert any(0 in counts for counts in layouts.values())
     assert all(len(set(counts)) > 1 for counts in layouts.values())
     compiled = [c for c in ep_cases.cases(world_size) if c.compiled]
-    assert {c.module for c in compiled} == set(ep_cases.MODULES)
+    assert {c.module for c in compiled} == set(ep_cases.MODULES + ep_cases.TRANSPORT_MATRIX)
     assert all(0 in ep_cases.token_counts(c, world_size) for c in compiled)
 
 
@@ -191,13 +221,15 @@ def test_apply_ep_rejects_indivisible_experts_and_double_sharding(ep_run):
         over = messages["peer-over-capacity"]
         assert over is not None and f"max_tokens_per_rank={ep_cases.PEER_CAPACITY}" in over, over
         assert f"got {ep_cases.PEER_CAPACITY + 1}" in over, over
-        wrong_module = messages["peer-grouped-experts"]
-        assert wrong_module is not None and "GroupedExpertsDeepEP" in wrong_module, wrong_module
-        assert "got GroupedExperts" in wrong_module, wrong_module
+        for name, fragment in {"unknown-transport": "transport: expected one of",
+                               "capacity-without-peer": "max_tokens_per_rank: it sizes the peer-memory transport",
+                               "deep-ep-over-all-gather": "DeepEP moves tokens all-to-all"}.items():
+            assert messages[name] is not None and fragment in messages[name], (name, messages[name])
+            assert messages[name + "-left-unsharded"] == "LocalDispatcher", name
 
 
 def test_peer_dispatch_ops_pass_opcheck(ep_run):
-    """moe_ep::dispatch / moe_ep::combine: schema, autograd registration, fake tensors, AOT dispatch."""
+    """moe::peer_dispatch / moe::peer_combine: schema, autograd registration, fake tensors, AOT dispatch."""
     _, ranks = ep_run
     for rank, results in enumerate(ranks):
         outcomes = results["peer_opcheck"]

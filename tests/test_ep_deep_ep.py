@@ -109,7 +109,27 @@ def test_unsupported_calls_fall_back_or_raise_the_reasons(deep_ep_run):
         assert required is not None and required.startswith("NotImplementedError"), required
         assert "reduce_dtype=torch.float32" in required and "tokens in" not in required, required
         assert "ValueError" in out["with_peer"] and "max_tokens_per_rank" in out["with_peer"], out["with_peer"]
-        assert "ValueError" in out["grouped_experts"] and "got GroupedExperts" in out["grouped_experts"]
+
+
+def test_every_module_runs_over_deep_ep(deep_ep_run):
+    """GroupedExperts (all-gather by default) and GroupedExpertsTE take DeepEP's buffers too: the same
+    calls, bit for bit the all-to-all path with bf16 partials, and float64 of the same bf16 inputs."""
+    world_size, ranks = deep_ep_run
+    failures = []
+    for case in ep_deep_ep_cases.OTHER_MODULE_CASES:
+        full = float64_of_bf16_inputs(case.activation, case.bias, case.layout, world_size)
+        for rank, out in enumerate(ranks):
+            got = out["other_modules"][case.name]
+            assert got["dispatcher"] == "DeepEPDispatcher", (case.name, got["dispatcher"])
+            assert got["calls"].get("dispatch") == 2 and got["calls"].get("combine") == 2, (case.name, got["calls"])
+            assert not got["all_to_all"]["calls"], f"{case.name}: use_deep_ep=False still called DeepEP"
+            plain = got["all_to_all"]["result"]
+            assert sorted(got["result"]) == sorted(plain), case.name
+            failures += [f"{case.name} rank {rank} {k}: differs from the all-to-all path" for k in plain
+                         if not torch.equal(got["result"][k], plain[k])]
+            failures += mismatches(got["result"], on_rank(full, case, world_size, rank), BF16_TOL,
+                                   f"{case.name} rank {rank} vs float64")
+    assert not failures, "\n".join(failures)
 
 
 def test_without_the_package_deep_ep_is_optional(deep_ep_run):
@@ -124,7 +144,7 @@ def test_without_the_package_deep_ep_is_optional(deep_ep_run):
 
 def test_not_supported_reasons_name_every_limit():
     """Each of DeepEP's limits is reported, all at once, in the words a user can act on."""
-    from moe_modules.ep_deep_ep import deep_ep_not_supported_reasons
+    from moe_modules.ep.deep_ep import deep_ep_not_supported_reasons
 
     x = torch.zeros(2, 7, dtype=torch.float32)
     reasons = "\n".join(deep_ep_not_supported_reasons(x, 33, torch.float64, 3, 200))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_modules.ep_all_to_all import AllToAllDispatcher
+from moe_modules.ep import AllToAllDispatcher
 
 
 class _Mesh:
@@ -63,7 +63,7 @@ def test_send_layout(ep):
 
 def test_peer_mailbox_regions_are_aligned_and_disjoint():
     """The symmetric-memory mailbox (GPU only) lays its tensors out with this: aligned, in order, no overlap."""
-    from moe_modules.ep_peer import _ALIGN, _regions
+    from moe_ops.ops.mailbox import ALIGN as _ALIGN, regions as _regions
 
     sizes = [64, 1, 0, 3 * _ALIGN, _ALIGN + 1]
     offsets, end = _regions(sizes)

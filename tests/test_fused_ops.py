@@ -163,6 +163,49 @@ def test_gradcheck(mixed_routing, kind_limit, bias):
     check_gradients("expert_down_backward", block.down_backward_args(), nonempty, second_order=False)
 
 
+def valid_rows(block: Block) -> int:
+    return int(block.routing[2][-1])
+
+
+def fused_first_rows(block: Block, num_rows: int):
+    por, rop, offs = block.routing
+    a, h = moe_ops.expert_up(block.x, por, rop, offs, block.w1, block.b1, block.probs, *block.act(),
+                             num_rows=num_rows)
+    return a, h, moe_ops.expert_down(a, block.w2, block.b2, block.probs, por, rop, offs)
+
+
+@pytest.mark.parametrize("kind_limit", KINDS[:1] + KINDS[-1:], ids=kind_id)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_num_rows_keeps_the_first_rows(mixed_routing, kind_limit, bias):
+    """``expert_up(num_rows=n)`` with n the valid pairs (what the expert-parallel receiver passes): ``a``
+    and ``h`` have n rows, equal to the first n of the full call; ``y`` and every gradient are equal."""
+    block = Block(mixed_routing, *kind_limit, bias, dtype=torch.float32)
+    n = valid_rows(block)
+    assert 0 < n < block.x.shape[0] * block.routing[1].shape[1]  # masked pairs: fewer rows than T*K
+    full, cut = fused(block), fused_first_rows(block, n)
+    assert cut[0].shape[0] == cut[1].shape[0] == n
+    for w, g in zip(full[:2], cut[:2]):
+        torch.testing.assert_close(g, w[:n], atol=0, rtol=0)
+    torch.testing.assert_close(cut[2], full[2], atol=1e-6, rtol=1e-6)
+    grad_y = torch.randn_like(full[2])
+    for w, g in zip(torch.autograd.grad(full[2], leaves(block), grad_y),
+                    torch.autograd.grad(cut[2], leaves(block), grad_y)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_num_rows_opcheck_and_gradcheck(mixed_routing):
+    block = Block(mixed_routing, "swiglu", 7.0, True)
+    n = valid_rows(block)
+    up = (*block.up_args(), n)
+    with torch.enable_grad():
+        torch.library.opcheck(torch.ops.moe.expert_up.default, up, test_utils=OPCHECK_TESTS)
+    check_gradients("expert_up", up, lambda out: out)
+    a = block.a.detach()[:n].requires_grad_()
+    check_gradients("expert_down", (a, *block.down_args()[1:]), lambda out: out)
+    with pytest.raises(ValueError, match="num_rows"):
+        torch.ops.moe.expert_up(*block.up_args(), block.x.shape[0] * 1000)
+
+
 def test_bad_inputs_name_the_argument(mixed_routing):
     block = Block(mixed_routing, "swiglu", 7.0, True, dtype=torch.float32, requires_grad=False)
     args = list(block.up_args())

@@ -110,9 +110,27 @@ def test_forcing_torch_on_cpu_raises_no_backend_error_with_its_reasons(gemm_args
     assert all(reason in message for reason in reasons)
 
 
-def test_forcing_a_backend_without_the_kernel_raises(route_args):
-    with moe_ops.use_backend("torch"), pytest.raises(moe_ops.NoBackendError, match="has no route kernel"):
+def test_forcing_a_backend_without_the_kernel_raises(route_args, monkeypatch):
+    """Forcing an op (or a family) on a backend without its kernel raises ValueError at once, naming both, in
+    all three forms; forcing every op applies only to the ops the backend has a kernel for."""
+    assert "route" not in registry.get_backend("torch").kernels
+    forms = [
+        lambda: moe_ops.use_backend(route="torch").__enter__(),
+        lambda: moe_ops.set_backend("torch", op="route"),
+        lambda: (monkeypatch.setenv(ENV, "route=torch"), registry.forced_backend("route")),
+    ]
+    for form in forms:
+        with pytest.raises(ValueError, match="'torch' has no route kernel") as err:
+            form()
+        assert "'route'" in str(err.value) and "reference" in str(err.value)  # names the op and who can
+        monkeypatch.delenv(ENV, raising=False)
+        assert registry.forced_backend("route") is None  # nothing half-applied
+    with moe_ops.use_backend("torch"):  # every op: route keeps its default, the GEMMs are forced
+        assert registry.forced_backend("route") is None
+        assert registry.forced_backend("grouped_mm") == "torch"
         run("route", route_args)
+    with moe_ops.use_backend(route="reference"), moe_ops.use_backend("torch"):  # an outer layer still counts
+        assert registry.forced_backend("route") == "reference"
 
 
 def test_set_backend_per_op_and_for_all_ops(gemm_args, route_args):
@@ -148,11 +166,9 @@ def test_environment_variable_forces_backends(spec, gemm_args, route_args, monke
     assert registry.forced_backend("grouped_mm") == "torch"
     with pytest.raises(moe_ops.NoBackendError, match="torch"):
         run("grouped_mm", gemm_args)
-    if spec == "torch":
-        with pytest.raises(moe_ops.NoBackendError):
-            run("route", route_args)
-    else:
-        run("route", route_args)
+    if spec == "torch":  # every op the torch backend has a kernel for: route (none) keeps its default
+        assert registry.forced_backend("route") is None
+    run("route", route_args)
 
 
 def test_precedence_context_over_api_over_environment(gemm_args, monkeypatch):
@@ -278,3 +294,264 @@ def test_choice_is_cached_by_input_kind(route_args, monkeypatch):
     with moe_ops.use_backend("reference"):  # forced: another key
         registry.choose("route", route_args)
     assert len(asked) == 3
+
+
+# ---- reasons read the inputs by name ------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_forcing():
+    """No family key set with set_backend may leak out (the shared fixture resets ops and every op)."""
+    yield
+    for family in registry.FAMILIES:
+        registry.set_backend(None, family)
+
+
+@pytest.fixture
+def register_stub():
+    """``register_stub(backend, priority=...)`` registers a backend for one test; the registry is restored after."""
+    saved = (dict(registry._BACKENDS), list(registry.PRIORITY), dict(registry._priorities),
+             dict(registry._op_priorities), list(registry._states))
+    yield registry.register_backend
+    backends, priority, priorities, op_priorities, states = saved
+    for live, old in ((registry._BACKENDS, backends), (registry._priorities, priorities),
+                      (registry._op_priorities, op_priorities)):
+        live.clear()
+        live.update(old)
+    registry.PRIORITY[:], registry._states[:] = priority, states
+    registry._order_cache.clear()
+    registry._choice_cache.clear()
+
+
+def test_inputs_record_names_the_arguments_and_fills_trailing_defaults(op_args, mixed_routing):
+    args = cpu_args(op_args(mixed_routing, torch.float32, torch.float32), "gather")  # num_rows left out
+    assert len(args) == 4
+    inputs = registry.Inputs("gather", args)
+    assert inputs.op == "gather" and inputs.names == ("x", "row_of_pair", "offsets", "weights", "num_rows")
+    assert inputs.x is args[0] and inputs.offsets is args[2] and inputs.weights is None
+    assert inputs.num_rows is None and len(inputs.args) == 5  # the schema's default, filled
+    assert inputs.get("nope", 7) == 7
+    with pytest.raises(AttributeError, match="'nope'.*'offsets'"):
+        inputs.nope
+    assert [t is a for t, a in zip(inputs.tensors(), args[:3])] == [True] * 3
+    sources = [torch.zeros(2, 4), torch.ones(3, 4)]  # lists of tensors are flattened
+    row = torch.zeros(5, dtype=torch.int64)
+    flat = registry.Inputs("sum_from", (sources, row)).tensors()
+    assert len(flat) == 3 and flat[0] is sources[0] and flat[2] is row
+    assert registry.Inputs("sum_from", (sources, row)).out_dtype is None
+    assert "gather" in repr(inputs) and "num_rows=None" in repr(inputs)
+
+
+def test_reasons_read_inputs_by_name(op_args, mixed_routing, register_stub):
+    """A backend's reasons get the op's inputs by name, trailing defaulted arguments included (the dispatcher
+    hands the kernel only the arguments the caller gave)."""
+    reference = registry.get_backend("reference")
+    seen, ran = [], []
+
+    def reasons(op, inputs):
+        if inputs is None:  # the support table
+            return []
+        seen.append((inputs.op, inputs.x.dtype, inputs.weights is None, inputs.num_rows))
+        return ["declines: num_rows is the default"] if inputs.num_rows is None else []
+
+    def kernel(*args):
+        ran.append(len(args))
+        return reference.kernels["gather"](*args)
+
+    register_stub(registry.Backend("stub", "a test's stub", {"gather": kernel}, lambda: [], reasons), priority=-1)
+    make = op_args(mixed_routing, torch.float32, torch.float32)
+    args = cpu_args(make, "gather")
+    want = run("gather", args)  # the stub declines (num_rows is None); the next backend runs it
+    assert seen == [("gather", torch.float32, True, None)] and ran == []
+    with moe_ops.use_backend(gather="stub"), pytest.raises(moe_ops.NoBackendError,
+                                                          match="stub \\(forced\\): declines: num_rows"):
+        run("gather", args)
+    rows = args[1].shape[0] * args[1].shape[1]
+    torch.testing.assert_close(run("gather", (*args, rows)), want)  # given: the stub takes it
+    assert seen[-1] == ("gather", torch.float32, True, rows) and ran == [5]
+    assert dict(registry.support_table())["gather"]["stub"] == []  # asked without inputs
+
+
+def test_backends_reasons_by_name_match_positions(op_args, mixed_routing):
+    """The real backends' reasons, given a tuple of positional arguments (converted to Inputs) or the record."""
+    args = cpu_args(op_args(mixed_routing, torch.float64, torch.float64), "grouped_mm")
+    cpu = registry.get_backend("cpu")
+    assert cpu.not_supported_reasons("grouped_mm", args) == ["needs float32, bfloat16 or float16, got float64"]
+    assert cpu.not_supported_reasons("grouped_mm", registry.Inputs("grouped_mm", args)) == \
+        cpu.not_supported_reasons("grouped_mm", args)
+    assert cpu.not_supported_reasons("grouped_mm") == cpu.not_supported_reasons("grouped_mm", ()) == []
+
+
+# ---- families -------------------------------------------------------------------------------------------
+
+
+def test_gemm_family_is_one_table():
+    assert registry.FAMILIES["gemm"] == ("grouped_mm", "grouped_mm_wgrad", "expert_up", "expert_up_backward",
+                                         "expert_down", "expert_down_backward")
+    assert set(registry.FAMILIES["gemm"]) <= set(registry.OPS)
+
+
+def _module_case():
+    from moe_modules import GroupedExperts, MoEConfig
+
+    config = MoEConfig(n_routed_experts=4, n_activated_experts=2, dim=16, moe_inter_dim=8,
+                       expert_activation="swiglu", expert_bias=True, dtype=torch.float32)
+    module = GroupedExperts(config)
+    module.init_weights(torch.device("cpu"), init_std=0.5)
+    T = 12
+    indices = torch.randint(0, 4, (T, 2))
+    indices[0, 1] = -1
+    return module, torch.randn(T, 16), torch.rand(T) > 0.2, torch.rand(T, 2), indices
+
+
+def _forward_backward(module, x, token_mask, weights, indices):
+    """The output and every gradient, and which backend the registry chose for each op on the way."""
+    chosen: dict[str, set] = {}
+    original = registry.choose
+
+    def recording(op, args):
+        backend = original(op, args)
+        chosen.setdefault(op, set()).add(backend.name)
+        return backend
+
+    x, weights = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    module.zero_grad()
+    registry.choose = recording  # registry.call looks choose up on every call
+    try:
+        y = module(x, token_mask, weights, indices)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+    finally:
+        registry.choose = original
+    grads = [x.grad, weights.grad] + [p.grad for p in module.parameters()]
+    return [y.detach()] + grads, chosen
+
+
+FUSED = ("expert_up", "expert_up_backward", "expert_down", "expert_down_backward")
+
+
+@CPU_ONLY_REFERENCE
+@pytest.mark.parametrize("form", ["use_backend", "set_backend", "environment"])
+def test_gemm_family_reaches_a_module(form, monkeypatch, clean_forcing):
+    """``gemm=reference`` (context, API or environment) runs a module's fused ops — forward and backward — on
+    the reference backend, with the default's result (the default on the CPU: the cpu backend)."""
+    case = _module_case()
+    want, default = _forward_backward(*case)
+    assert all(default[op] == {"cpu"} for op in FUSED), default
+    if form == "use_backend":
+        with moe_ops.use_backend(gemm="reference"):
+            got, chosen = _forward_backward(*case)
+    elif form == "set_backend":
+        moe_ops.set_backend("reference", op="gemm")
+        got, chosen = _forward_backward(*case)
+    else:
+        monkeypatch.setenv(ENV, "gemm=reference")
+        got, chosen = _forward_backward(*case)
+    assert all(chosen[op] == {"reference"} for op in FUSED), chosen
+    assert chosen["route"] == {"reference"}
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_op_key_over_family_over_every_op(clean_forcing):
+    with moe_ops.use_backend("reference", gemm="cpu", grouped_mm="triton"):  # one layer: op, family, every op
+        assert registry.forced_backend("grouped_mm") == "triton"
+        assert registry.forced_backend("expert_up") == "cpu"
+        assert registry.forced_backend("route") == "reference"
+    moe_ops.set_backend("cpu", op="gemm")
+    assert registry.forced_backend("expert_down_backward") == "cpu"
+    assert registry.forced_backend("gather") is None
+    with moe_ops.use_backend(grouped_mm="reference"):  # the context's op key over the API's family
+        assert registry.forced_backend("grouped_mm") == "reference"
+        assert registry.forced_backend("expert_up") == "cpu"
+    moe_ops.set_backend(None, op="gemm")
+    assert registry.forced_backend("expert_up") is None
+
+
+def test_forcing_a_family_on_a_backend_without_every_kernel_raises(register_stub, clean_forcing, monkeypatch):
+    only_mm = registry.Backend("stub", "a test's stub", {"grouped_mm": lambda *a: None}, lambda: [],
+                               lambda op, inputs: [])
+    register_stub(only_mm, priority=1000)
+    for form in (lambda: moe_ops.use_backend(gemm="stub").__enter__(), lambda: moe_ops.set_backend("stub", op="gemm"),
+                 lambda: (monkeypatch.setenv(ENV, "gemm=stub"), registry.forced_backend("expert_up"))):
+        with pytest.raises(ValueError, match="'stub' has no grouped_mm_wgrad, expert_up.*kernel.*'gemm'"):
+            form()
+        monkeypatch.delenv(ENV, raising=False)
+    assert registry.forced_backend("grouped_mm") is None
+    moe_ops.set_backend("stub", op="grouped_mm")  # the one op it has
+    assert registry.forced_backend("grouped_mm") == "stub"
+
+
+def test_unknown_key_names_ops_and_families():
+    with pytest.raises(ValueError, match="'gemms'") as err:
+        moe_ops.use_backend(gemms="reference").__enter__()
+    assert "grouped_mm" in str(err.value) and "'gemm'" in str(err.value)
+
+
+# ---- forcing every op ------------------------------------------------------------------------------------
+
+
+@CPU_ONLY_REFERENCE
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_forcing_every_op_runs_a_module(backend):
+    """Every op the backend has a kernel for runs on it; the others (route, gather, ... for cpu) keep the default."""
+    case = _module_case()
+    want, _ = _forward_backward(*case)
+    with moe_ops.use_backend(backend):
+        got, chosen = _forward_backward(*case)
+    kernels = registry.get_backend(backend).kernels
+    for op, names in chosen.items():
+        assert names == ({backend} if op in kernels else {"reference"}), (op, names)
+    assert set(FUSED) <= set(chosen)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+# ---- a context belongs to its thread ---------------------------------------------------------------------
+
+
+def test_context_manager_belongs_to_its_thread():
+    import threading
+
+    seen = {}
+    entered, checked = threading.Event(), threading.Event()
+
+    def worker():
+        seen["worker, before"] = registry.forced_backend("grouped_mm")  # the main thread's block is open
+        with moe_ops.use_backend(gemm="cpu"):
+            entered.set()
+            checked.wait(30)
+            seen["worker, inside"] = registry.forced_backend("grouped_mm")
+            seen["worker, route"] = registry.forced_backend("route")  # set_backend: every thread
+        seen["worker, after"] = registry.forced_backend("grouped_mm")
+
+    moe_ops.set_backend("reference", op="route")
+    with moe_ops.use_backend(grouped_mm="reference"):
+        thread = threading.Thread(target=worker)
+        thread.start()
+        assert entered.wait(30)
+        seen["main, while the worker's block is open"] = registry.forced_backend("grouped_mm")
+        seen["main, expert_up"] = registry.forced_backend("expert_up")
+        checked.set()
+        thread.join(30)
+    assert seen == {
+        "worker, before": None, "worker, inside": "cpu", "worker, route": "reference", "worker, after": None,
+        "main, while the worker's block is open": "reference", "main, expert_up": None,
+    }
+    assert registry.forced_backend("grouped_mm") is None
+
+
+# ---- the README's example ----------------------------------------------------------------------------------
+
+
+def test_readme_backend_example_runs(clean_forcing):
+    """The code block of README.md's "Backends" section, as written."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## Backends\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "use_backend(gemm=" in code and "set_backend(" in code
+    namespace: dict = {}
+    exec(compile(code, "README.md (Backends)", "exec"), namespace)
+    assert registry.forced_backend("grouped_mm") is None and registry.forced_backend("route") is None

@@ -36,7 +36,8 @@ def _te_usable() -> bool:
 
 pytestmark = pytest.mark.skipif(not _te_usable(), reason="needs CUDA and Transformer Engine")
 
-from moe_modules import GroupedExperts, MoEConfig, te_layout  # noqa: E402
+from moe_modules import GroupedExperts, MoEConfig  # noqa: E402
+from moe_modules.te import layout as te_layout  # noqa: E402
 from moe_ops.ops import opaque_module  # noqa: E402
 
 E, K, D, I, T = 8, 2, 256, 128, 384  # FP8 GEMMs want feature sizes that are multiples of 16

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_modules import GroupedExperts, MoEConfig, te_layout
+from moe_modules import GroupedExperts, MoEConfig
+from moe_modules.te import layout as te_layout
 from moe_modules import te as te_module
 from moe_ops import activation as moe_activation
 
@@ -133,4 +134,5 @@ def test_without_transformer_engine_construction_raises_the_install_hint():
     with pytest.raises(ImportError) as info:
         te_module.GroupedExpertsTE(config())
     message = str(info.value)
-    assert "pip install 'moe-ops[te]'" in message and "CUDA machine" in message
+    # From this checkout: the package index's "moe-ops" is someone else's project.
+    assert "pip install -e '.[te]'" in message and "CUDA machine" in message and "unrelated" in message

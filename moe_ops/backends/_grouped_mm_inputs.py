@@ -1,5 +1,6 @@
 """What the two ``torch._grouped_mm`` backends (``torch``: CUTLASS on CUDA, ``cpu``) read off an op's
-arguments: which of them the GEMMs multiply, and ``torch._grouped_mm``'s 16-byte row rule.
+inputs (``registry.Inputs``, by name): which of them the GEMMs multiply, and ``torch._grouped_mm``'s
+16-byte row rule.
 
 A helper of those backends, not a backend: neither imports the other.
 """
@@ -8,17 +9,20 @@ from __future__ import annotations
 
 import torch
 
-# The operands of the GEMMs each op runs: (rows operand, weight) positions in its arguments.
+from moe_ops.registry import Inputs
+
+# The operands of the GEMMs each op runs: the names of its (rows operand, weight) arguments.
 _OPERANDS = {
-    "grouped_mm": (0, 1), "grouped_mm_wgrad": (0, 1),
-    "expert_up": (0, 4), "expert_up_backward": (1, 6), "expert_down": (0, 1), "expert_down_backward": (1, 2),
+    "grouped_mm": ("a", "b"), "grouped_mm_wgrad": ("a", "grad"),
+    "expert_up": ("x", "w1"), "expert_up_backward": ("x", "w1"), "expert_down": ("a", "w2"),
+    "expert_down_backward": ("a", "w2"),
 }
 
 
-def operands(op: str, args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def operands(op: str, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows operand and the weight (or second operand) of ``op``'s GEMMs."""
-    i, j = _OPERANDS[op]
-    return args[i], args[j]
+    first, second = _OPERANDS[op]
+    return getattr(inputs, first), getattr(inputs, second)
 
 
 def unaligned_rows(op: str, first: torch.Tensor, second: torch.Tensor) -> list[str]:

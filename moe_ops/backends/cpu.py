@@ -18,7 +18,7 @@ rows (``torch._grouped_mm``'s CPU kernel); float64 and odd widths are left to ``
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -111,8 +111,9 @@ def grouped_mm_wgrad(a, grad, offsets):
     return _wgrad(a, grad, _plan(offsets, a.shape[0])[1])  # empty groups come back as zeros
 
 
-def expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset):
-    M, K = pair_of_row.shape[0], row_of_pair.shape[1]
+def expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset,
+              num_rows=None):
+    M, K = pair_of_row.shape[0] if num_rows is None else num_rows, row_of_pair.shape[1]
     n, _, blocks = _plan(offsets, M)
 
     def up(blk):
@@ -127,7 +128,7 @@ def expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, 
 
 def expert_up_backward(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit,
                        linear_offset):
-    M, K = pair_of_row.shape[0], row_of_pair.shape[1]
+    M, K = h.shape[0], row_of_pair.shape[1]
     n, _, blocks = _plan(offsets, M)
     acc = _acc(x.dtype)
     grad_x = torch.zeros(x.shape, dtype=acc)
@@ -149,7 +150,7 @@ def expert_up_backward(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, 
 
 
 def expert_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype):
-    M, K = pair_of_row.shape[0], row_of_pair.shape[1]
+    M, K = a.shape[0], row_of_pair.shape[1]
     n, _, blocks = _plan(offsets, M)
     y = torch.zeros(row_of_pair.shape[0], w2.shape[2], dtype=_acc(a.dtype))
     for blk in blocks:
@@ -161,7 +162,7 @@ def expert_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype):
 
 
 def expert_down_backward(grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, offsets):
-    M, K = pair_of_row.shape[0], row_of_pair.shape[1]
+    M, K = a.shape[0], row_of_pair.shape[1]
     n, _, blocks = _plan(offsets, M)
     grad_y = grad_y.to(a.dtype)  # the rows were in a.dtype before the float32 sum: their gradient is too
     grad_w2 = torch.empty_like(w2)  # the blocks cover every group (an empty one's wgrad is zeros)
@@ -183,10 +184,10 @@ def expert_down_backward(grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, off
     return grad_a, grad_w2, grad_b2, grad_probs
 
 
-def _input_reasons(op: str, args: tuple) -> list[str]:
-    if not args:  # asked without inputs (the support table)
+def _input_reasons(op: str, inputs: Optional[registry.Inputs]) -> list[str]:
+    if inputs is None:  # asked without inputs (the support table)
         return []
-    first, second = _grouped_mm_inputs.operands(op, args)
+    first, second = _grouped_mm_inputs.operands(op, inputs)
     if first.device.type != "cpu":
         return [f"inputs are on {first.device.type}; needs the CPU"]
     reasons = []

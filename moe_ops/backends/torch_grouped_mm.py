@@ -14,6 +14,7 @@ an op: no second dispatch or validation inside an op that has validated its inpu
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -70,8 +71,8 @@ class _Steps:
         return functools.partial(registry.call, name)
 
 
-# The expert-sorted rows (T*K) each fused forward op handles: the position of a tensor with that many rows.
-_ROWS = {"expert_up": 1, "expert_down": 0}
+# The expert-sorted rows (T*K) each fused forward op handles: the name of an argument with that many rows.
+_ROWS = {"expert_up": "pair_of_row", "expert_down": "a"}
 # Below this many rows the fused Triton forward kernels (one GEMM launch with the gather, bias, activation
 # and probability inside) beat this backend's composition of CUTLASS GEMMs and Triton steps, in GPU time
 # and in host time: measured on H200 at Qwen3 and GPT-OSS shapes (BENCHMARKS.md, "Host path").  The
@@ -81,10 +82,17 @@ _ROWS = {"expert_up": 1, "expert_down": 0}
 MIN_FUSED_ROWS = 16384
 
 
-def _input_reasons(op: str, args: tuple) -> list[str]:
-    if not args:  # asked without inputs (the support table)
+def _fused_rows(op: str, inputs: registry.Inputs) -> Optional[int]:
+    if op not in _ROWS:
+        return None
+    num_rows = getattr(inputs, "num_rows", None)
+    return getattr(inputs, _ROWS[op]).shape[0] if num_rows is None else num_rows
+
+
+def _input_reasons(op: str, inputs: Optional[registry.Inputs]) -> list[str]:
+    if inputs is None:  # asked without inputs (the support table)
         return []
-    first, second = _grouped_mm_inputs.operands(op, args)
+    first, second = _grouped_mm_inputs.operands(op, inputs)
     reasons = []
     if first.device.type != "cuda":
         return [f"inputs are on {first.device.type}; needs CUDA"]
@@ -96,8 +104,9 @@ def _input_reasons(op: str, args: tuple) -> list[str]:
     reasons += _grouped_mm_inputs.unaligned_rows(op, first, second)
     if first.shape[0] == 0:
         reasons.append("no rows")
-    if op in _ROWS and args[_ROWS[op]].shape[0] < MIN_FUSED_ROWS:
-        reasons.append(f"{args[_ROWS[op]].shape[0]} rows, fewer than {MIN_FUSED_ROWS}: the fused Triton kernels are faster")
+    rows = _fused_rows(op, inputs)
+    if rows is not None and rows < MIN_FUSED_ROWS:
+        reasons.append(f"{rows} rows, fewer than {MIN_FUSED_ROWS}: the fused Triton kernels are faster")
     return reasons
 
 

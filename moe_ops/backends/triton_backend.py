@@ -1,9 +1,9 @@
 """The ``triton`` backend: this project's Triton kernels (``moe_ops/backends/triton_kernels``).
 
-Every ``moe`` op has a kernel here, each a ``torch.library.triton_op`` named
-``torch.ops.moe_triton.<op>`` (callable directly, traceable by torch.compile); the backend runs
-the same Python bodies without that second dispatch.  Triton is imported only when a kernel first runs: this
-module looks for it with ``importlib.util.find_spec``.
+Every ``moe`` op has a kernel here: a plain Python function (``_common.BODIES[op]``) that the
+backend calls inside the opaque ``moe::`` op, so it only ever runs eagerly; there is no second op
+namespace.  Triton is imported only when a kernel first runs: this module looks for it with
+``importlib.util.find_spec``.
 
 Runs on CUDA with bfloat16, float16 or float32; float64 is left to the reference backend.
 With ``TRITON_INTERPRET=1`` the kernels run in Triton's interpreter and CPU tensors are
@@ -12,16 +12,16 @@ accepted, so CI without a GPU checks them (slowly: tiny shapes only).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import importlib.util
 import os
 import sys
+from typing import Optional
 
 import torch
 
-from moe_ops.registry import Backend
+from moe_ops.registry import Backend, Inputs
 
 _KERNELS_MODULE = "moe_ops.backends.triton_kernels"
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -63,17 +63,17 @@ def _unavailable() -> list[str]:
     return []
 
 
-def _experts(op: str, args: tuple) -> int:
-    """Number of groups (0 for the activations, which have none)."""
+def _experts(op: str, inputs: Inputs) -> int:
+    """Number of groups: ``route``'s ``num_experts``, else the length of the ``offsets`` argument (0 for the
+    ops without one: the activations and the peer ops)."""
     if op == "route":
-        return args[3]
-    offsets = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int32 and a.dim() == 1]
-    return offsets[0].shape[0] if offsets else 0
+        return inputs.num_experts
+    offsets = inputs.get("offsets")
+    return offsets.shape[0] if isinstance(offsets, torch.Tensor) else 0
 
 
-def _input_reasons(op: str, args: tuple) -> list[str]:
-    flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])]  # gather_from's sources
-    tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+def _input_reasons(op: str, inputs: Optional[Inputs]) -> list[str]:
+    tensors = [] if inputs is None else inputs.tensors()  # lists flattened: gather_from's sources
     if not tensors:  # asked without inputs (a support table): nothing to decline yet
         return []
     reasons = []
@@ -90,39 +90,22 @@ def _input_reasons(op: str, args: tuple) -> list[str]:
         reasons.append("an input is empty")
     if any(size >= 2**31 for t in tensors for size in t.shape):
         reasons.append("a dimension of 2^31 or more (row indices are int32 in the kernels)")
-    if _experts(op, args) > MAX_EXPERTS:
-        reasons.append(f"supports at most {MAX_EXPERTS} experts, got {_experts(op, args)}")
+    experts = _experts(op, inputs)
+    if experts > MAX_EXPERTS:
+        reasons.append(f"supports at most {MAX_EXPERTS} experts, got {experts}")
     return reasons
 
 
 @functools.lru_cache(maxsize=None)
-def _wrap_triton_switch():
-    """``set_wrap_triton_enabled`` where this torch has it (looked up once: this is every op call's path)."""
-    from torch._library import triton as library_triton
-
-    return getattr(library_triton, "set_wrap_triton_enabled", None)
-
-
-def _direct_launches():
-    """Launch Triton kernels straight away, as ``triton_op`` does when it runs its kernels: by default
-    ``wrap_triton`` routes an eager launch through a higher-order op (hundreds of microseconds of host
-    time per launch, measured on H200)."""
-    switch = _wrap_triton_switch()
-    return switch(False) if switch is not None else contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
 def _bodies() -> dict:
-    importlib.import_module(_KERNELS_MODULE)  # imports triton, registers torch.ops.moe_triton.*
+    importlib.import_module(_KERNELS_MODULE)  # imports triton, fills _common.BODIES
     return sys.modules[_KERNELS_MODULE + "._common"].BODIES
 
 
 def _kernel(op: str):
     def run(*args):
-        # The body of torch.ops.moe_triton.<op>, called directly: we are inside an opaque moe:: op
-        # already, and a second custom-op dispatch only costs host time (_common.BODIES).
-        with _direct_launches():
-            return _bodies()[op](*args)
+        # Inside the opaque moe:: op already: the body launches its kernels straight away.
+        return _bodies()[op](*args)
 
     run.__name__ = run.__qualname__ = op
     return run

@@ -1,7 +1,7 @@
 """moe::expert_up and moe::expert_down — the expert block in two fused steps.
 
-Both take the routing of :func:`moe_ops.route` (``pair_of_row [M]``, ``row_of_pair [T, K]``,
-``offsets [E]``, M = T*K) and are, exactly, compositions of the unfused ops::
+Both take the routing of :func:`moe_ops.route` (``pair_of_row [T*K]``, ``row_of_pair [T, K]``,
+``offsets [E]``) and are, exactly, compositions of the unfused ops::
 
     expert_up:   h = grouped_mm(gather(x), w1) [+ b1];  a = activation(h, probs)   -> (a, h)
     expert_down: y = combine(grouped_mm(a, w2) [+ probs * b2])
@@ -9,6 +9,11 @@ Both take the routing of :func:`moe_ops.route` (``pair_of_row [M]``, ``row_of_pa
 Their kernels skip the permuted copies: GEMM1 reads token rows of ``x`` in place, with
 bias, activation and probability in its epilogue; GEMM2 adds the weighted bias in its
 epilogue before the float32 gather-reduce.
+
+``expert_up(num_rows=M)`` (a device-side row count, as ``gather`` takes) keeps only the first M of
+the T*K expert-sorted rows: ``a`` and ``h`` have M rows, the groups end at ``min(offsets, M)``, and
+``expert_down`` reads M from its ``a``.  The expert-parallel receiver, which knows how many of its
+(row, expert) pairs are valid, runs exactly those (default: all T*K rows).
 
 ``h`` (pre-activation, bias added, ``[M, C]``) is an output so the backward can reuse it
 (a custom op saves only inputs and outputs).  Store vs recompute, per layer at Qwen3-30B-A3B
@@ -44,7 +49,8 @@ def _validate_routing(pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor,
     _checks.offsets("offsets", offsets, experts)
 
 
-def _validate_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, *params) -> None:
+def _validate_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha=None, limit=None,
+                 linear_offset=None, num_rows=None) -> None:
     check_activation(kind)
     _checks.tensor("x", x, dim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("w1", w1, dim=3)
@@ -60,6 +66,8 @@ def _validate_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, *par
         _checks.size("b1", b1.shape[0], w1.shape[0], "number of experts (dim 0 of w1)")
         _checks.size("b1", b1.shape[1], w1.shape[2], "width (dim 1) equal to dim 2 of w1")
     _checks.row_probs("probs", probs, pair_of_row.shape[0])
+    if num_rows is not None:
+        _checks.between("num_rows", num_rows, 0, pair_of_row.shape[0], "a row count (at most T*K)")
     _checks.same_device(x=x, pair_of_row=pair_of_row, row_of_pair=row_of_pair, offsets=offsets, w1=w1, b1=b1,
                         probs=probs)
 
@@ -71,13 +79,13 @@ def _validate_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtyp
     _checks.tensor("w2", w2, dim=3)
     _checks.same_dtype("w2", w2, "a", a)
     _validate_routing(pair_of_row, row_of_pair, offsets, w2.shape[0])
-    _checks.size("a", a.shape[0], pair_of_row.shape[0], "number of rows T*K (dim 0 of pair_of_row)")
+    _checks.between("a", a.shape[0], 0, pair_of_row.shape[0], "at most T*K rows (dim 0 of pair_of_row)")
     _checks.size("w2", w2.shape[1], a.shape[1], "inner size (dim 1) equal to dim 1 of a")
     if b2 is not None:
         _checks.tensor("b2", b2, dim=2, dtypes=_checks.FLOAT_DTYPES)
         _checks.size("b2", b2.shape[0], w2.shape[0], "number of experts (dim 0 of w2)")
         _checks.size("b2", b2.shape[1], w2.shape[2], "width (dim 1) equal to dim 2 of w2")
-    _checks.row_probs("probs", probs, a.shape[0])
+    _checks.row_probs("probs", probs, pair_of_row.shape[0])
     _checks.same_device(a=a, w2=w2, b2=b2, probs=probs, pair_of_row=pair_of_row, row_of_pair=row_of_pair,
                         offsets=offsets)
 
@@ -96,13 +104,15 @@ def _empty_grads(like: Tensor, bias: Optional[Tensor], probs: Optional[Tensor]) 
 # ---- expert_up --------------------------------------------------------------------------
 
 
-def _up_fake(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset):
-    M = pair_of_row.shape[0]
+def _up_fake(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset,
+             num_rows=None):
+    M = pair_of_row.shape[0] if num_rows is None else num_rows
     return x.new_empty(M, _up_width(w1, kind)), x.new_empty(M, w1.shape[2])
 
 
 def _validate_up_backward(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, *params):
     _validate_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind)
+    _checks.between("h", h.shape[0], 0, pair_of_row.shape[0], "at most T*K rows (dim 0 of pair_of_row)")
     _checks.tensor("grad_a", grad_a, dim=2)
     _checks.tensor("h", h, dim=2)
 
@@ -114,7 +124,7 @@ def _up_backward_fake(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, p
 
 
 def _up_setup(ctx, inputs, output):
-    x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset = inputs
+    x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset = inputs[:11]
     _, h = output
     ctx.set_materialize_grads(False)  # h's gradient is None unless h is used (no zero-filled [M, C])
     ctx.save_for_backward(x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs)
@@ -127,18 +137,19 @@ def _up_backward(ctx, grad_a, grad_h):
         grads = expert_up_backward(grad_a.contiguous(), x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs,
                                    *ctx.params)
     elif grad_h is None:
-        return (None,) * 11
+        return (None,) * 12
     else:  # h has a gradient of its own (used downstream, or a double backward through h)
         grads = fused_second_order.up_backward_with_grad_h(grad_a, grad_h, x, h, row_of_pair, offsets, w1, b1, probs,
                                                            ctx.params)
     grad_x, grad_w1, grad_b1, grad_probs = grads
     return (grad_x, None, None, None, grad_w1, grad_b1 if b1 is not None else None,
-            grad_probs if probs is not None else None, None, None, None, None)
+            grad_probs if probs is not None else None, None, None, None, None, None)
 
 
 _expert_up = define(
     "expert_up(Tensor x, Tensor pair_of_row, Tensor row_of_pair, Tensor offsets, Tensor w1, Tensor? b1,"
-    " Tensor? probs, str kind, float alpha, float? limit, float linear_offset) -> (Tensor, Tensor)",
+    " Tensor? probs, str kind, float alpha, float? limit, float linear_offset, SymInt? num_rows=None)"
+    " -> (Tensor, Tensor)",
     validate=_validate_up, fake=_up_fake, backward=_up_backward, setup_context=_up_setup)
 _expert_up_backward = define(
     "expert_up_backward(Tensor grad_a, Tensor x, Tensor h, Tensor pair_of_row, Tensor row_of_pair,"
@@ -208,15 +219,17 @@ def expert_up(
     alpha: float = 1.702,
     limit: Optional[float] = 7.0,
     linear_offset: float = 1.0,
+    num_rows: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """GEMM1 of the experts, fused: ``(a [M, I], h [M, C])`` with ``h = x[token(r)] @ w1[e] (+ b1[e])``
-    and ``a = act(h) * probs`` (M = T*K expert-sorted rows; rows past ``offsets[-1]`` are 0).
+    and ``a = act(h) * probs`` over the first M = ``num_rows`` (default T*K) expert-sorted rows; rows past
+    ``offsets[-1]`` are 0.
 
-    ``x [T, D]``, ``w1 [E, D, C]`` (C = 2I gated, I for relu2), ``b1 [E, C]``, ``probs [M]`` or ``[M, 1]``;
+    ``x [T, D]``, ``w1 [E, D, C]`` (C = 2I gated, I for relu2), ``b1 [E, C]``, ``probs [T*K]`` or ``[T*K, 1]``;
     ``alpha``, ``limit``, ``linear_offset`` are quick_geglu's.  ``h`` is returned for the backward.
     """
     return _expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, float(alpha),
-                                   None if limit is None else float(limit), float(linear_offset))
+                       None if limit is None else float(limit), float(linear_offset), num_rows)
 
 
 def expert_down(
@@ -230,7 +243,8 @@ def expert_down(
     out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """GEMM2 and the combine, fused: ``y [T, D]``, ``y[t] = sum_k (a[r] @ w2[e] + probs[r] * b2[e])``
-    over the valid pairs' rows ``r = row_of_pair[t, k]``, accumulated in float32 (deterministic).
+    over the valid pairs' rows ``r = row_of_pair[t, k]`` among the ``a.shape[0]`` (at most T*K) rows of
+    ``a``, accumulated in float32 (deterministic).
 
     The rows are rounded to ``a.dtype``; the sum is returned in ``out_dtype`` (default ``a.dtype``;
     float32 keeps expert-parallel partial sums unrounded)."""

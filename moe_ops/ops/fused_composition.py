@@ -11,6 +11,10 @@ either gets such rows as zeros from ``gather`` and must return them as zeros (``
 whose output feeds the activation and its backward), or returns rows that nothing reads — the
 combine and the weight gradients skip them (``grouped_mm_any_tail``).  A backend may use that to
 skip zeroing; for the reference both are ``grouped_mm``.
+
+``num_rows`` (``expert_up``; the others read it from their ``a`` / ``h``): only the first rows of the
+expert-sorted order exist (the expert-parallel receiver runs exactly its valid pairs); the groups are
+cut at it (:func:`first_rows`) and the probability gradients of the dropped rows are zero.
 """
 
 from __future__ import annotations
@@ -18,36 +22,66 @@ from __future__ import annotations
 import torch
 
 
-def expert_up(k, x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset):
-    h = k.grouped_mm(k.gather(x, row_of_pair, offsets, None), w1, offsets)
+def first_rows(rows: int, pair_of_row, offsets):
+    """The routing of the first ``rows`` expert-sorted rows (the fused ops' ``num_rows``): pairs whose row
+    is past them are dropped, so the groups end at ``min(offsets, rows)``.  No copy for all T*K rows."""
+    if rows == pair_of_row.shape[0]:
+        return pair_of_row, offsets
+    return pair_of_row[:rows], offsets.clamp(max=rows)
+
+
+def padded_rows(t, rows: int):
+    """``t`` (per-row values of the first rows) with zeros for the dropped rows, ``rows`` in all (dim 0)."""
+    return t if t.shape[0] == rows else torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, rows - t.shape[0]))
+
+
+def _probs(probs, rows: int):
+    return None if probs is None else probs[:rows]
+
+
+def expert_up(k, x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset,
+              num_rows=None):
+    M = pair_of_row.shape[0] if num_rows is None else num_rows
+    _, offsets = first_rows(M, pair_of_row, offsets)
+    h = k.grouped_mm(k.gather(x, row_of_pair, offsets, None, M), w1, offsets)
     if b1 is not None:
         h = k.add_expert_bias(h, b1, offsets, None)
-    return k.activation(h, probs, kind, alpha, limit, linear_offset), h
+    return k.activation(h, _probs(probs, M), kind, alpha, limit, linear_offset), h
 
 
 def expert_up_backward(k, grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit,
                        linear_offset):
-    grad_h, grad_probs = k.activation_backward(grad_a, h, probs, kind, alpha, limit, linear_offset)
+    M = h.shape[0]
+    _, offsets = first_rows(M, pair_of_row, offsets)
+    grad_h, grad_probs = k.activation_backward(grad_a, h, _probs(probs, M), kind, alpha, limit, linear_offset)
     grad_x = k.combine(k.grouped_mm_any_tail(grad_h, w1.transpose(1, 2), offsets), row_of_pair, offsets, None)
-    grad_w1 = k.grouped_mm_wgrad(k.gather(x, row_of_pair, offsets, None), grad_h, offsets)
+    grad_w1 = k.grouped_mm_wgrad(k.gather(x, row_of_pair, offsets, None, M), grad_h, offsets)
     grad_b1 = x.new_empty(0) if b1 is None else k.expert_bias_backward(grad_h, b1, offsets, None)[0]
+    if probs is not None:
+        grad_probs = padded_rows(grad_probs, probs.shape[0])
     return grad_x, grad_w1, grad_b1, grad_probs
 
 
 def expert_down(k, a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype):
+    M = a.shape[0]
+    _, offsets = first_rows(M, pair_of_row, offsets)
     out = k.grouped_mm_any_tail(a, w2, offsets)
     if b2 is not None:
-        out = k.add_expert_bias(out, b2, offsets, probs)
+        out = k.add_expert_bias(out, b2, offsets, _probs(probs, M))
     return k.combine(out.to(out_dtype or out.dtype), row_of_pair, offsets, None)
 
 
 def expert_down_backward(k, grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, offsets):
-    grad_out = k.gather(grad_y.to(a.dtype), row_of_pair, offsets, None)  # the rows were in a.dtype
+    M = a.shape[0]
+    _, offsets = first_rows(M, pair_of_row, offsets)
+    grad_out = k.gather(grad_y.to(a.dtype), row_of_pair, offsets, None, M)  # the rows were in a.dtype
     grad_a = k.grouped_mm(grad_out, w2.transpose(1, 2), offsets)
     grad_w2 = k.grouped_mm_wgrad(a, grad_out, offsets)
     if b2 is None:
         return grad_a, grad_w2, a.new_empty(0), a.new_empty(0, dtype=torch.float32)
-    grad_b2, grad_probs = k.expert_bias_backward(grad_out, b2, offsets, probs)
+    grad_b2, grad_probs = k.expert_bias_backward(grad_out, b2, offsets, _probs(probs, M))
+    if probs is not None:
+        grad_probs = padded_rows(grad_probs, probs.shape[0])
     return grad_a, grad_w2, grad_b2, grad_probs
 
 

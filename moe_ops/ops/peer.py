@@ -1,7 +1,7 @@
 """moe::gather_from, moe::sum_from, moe::put_to — rows read from, or written to, several tensors
 (other ranks' buffers).
 
-Expert parallelism over GPU peer memory (``moe_modules.ep_peer``) hands these ops one source tensor
+Expert parallelism over GPU peer memory (``moe_modules.ep.peer``) hands these ops one source tensor
 per rank: views of the other GPUs' buffers, which a kernel on this GPU reads directly.  They are
 ordinary tensors to the ops, so the ops are also correct (and tested) on plain local tensors.
 

@@ -360,13 +360,13 @@ def test_torch_compile_fullgraph_matches_eager():
         assert torch.equal(p.grad, g)
 
 
-def test_triton_ops_trace_with_wrap_triton():
-    """The moe_triton triton_ops' bodies double as their fakes: opcheck traces them on CUDA."""
-    import moe_ops.backends.triton_kernels  # noqa: F401
-
+def test_moe_ops_pass_opcheck_with_the_triton_backend():
+    """The moe:: ops with the triton backend forced pass opcheck on CUDA: the Triton kernels' outputs
+    agree with the ops' fakes and schema, eagerly and under AOT dispatch."""
     _, row_of_pair, offsets, probs = routed(8, 256, 2)
     x = torch.randn(256, 136, device=CUDA, dtype=torch.bfloat16)
     w = torch.randn(8, 136, 96, device=CUDA, dtype=torch.bfloat16)
     for op, args in [("gather", (x, row_of_pair, offsets, probs)), ("grouped_mm", (x.repeat(2, 1), w, offsets))]:
-        torch.library.opcheck(getattr(torch.ops.moe_triton, op).default, args,
-                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+        with use_backend(**{op: "triton"}):
+            torch.library.opcheck(getattr(torch.ops.moe, op).default, args,
+                                  test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

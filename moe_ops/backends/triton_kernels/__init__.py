@@ -1,11 +1,11 @@
 """Triton kernels of the ``triton`` backend, one file per family; importing this package
-imports triton and registers every kernel as ``torch.ops.moe_triton.<op>`` (a
-``torch.library.triton_op``, so torch.compile sees the kernels and export keeps the node).
+imports triton and records every op's plain Python body in ``_common.BODIES``, which the
+``triton`` backend calls inside the ``moe::`` ops (no custom ops of their own are registered).
 
 Imported lazily by :mod:`moe_ops.backends.triton_backend`, never at ``import moe_ops``.
 """
 
-from moe_ops.backends.triton_kernels import (  # noqa: F401  (registers the ops)
+from moe_ops.backends.triton_kernels import (  # noqa: F401  (fills _common.BODIES)
     activation,
     bias,
     fused,

@@ -27,9 +27,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch._library.triton import is_wrap_triton_enabled
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
 from triton import knobs
 from triton.runtime.driver import driver as _driver
 from triton.runtime.jit import compute_cache_key as _cache_key
@@ -66,38 +63,33 @@ if INTERPRET:
     _interpreter_scalar_index()
 
 
-# The plain Python body of every ``moe_triton::<op>``, by op name.  The backend calls these directly:
-# it runs inside an opaque ``moe::`` op that is already past the dispatcher, and a second custom-op
-# layer cost 50-100 us of host time per call (measured on H200 under torch.profiler), which an
-# expert-parallel step with a host sync pays in full.
+# The plain Python body of every kernel family's op, by op name: the ``triton`` backend calls these
+# inside the opaque ``moe::`` ops (already past the dispatcher), so they only ever run eagerly on
+# real tensors.  They are not registered as custom ops of their own: a second custom-op layer cost
+# 50-100 us of host time per call (measured on H200 under torch.profiler), which an expert-parallel
+# step with a host sync pays in full, and nothing used it.
 BODIES: dict = {}
 
 
-def triton_op(name: str, mutates_args=()):
-    """``torch.library.triton_op("moe_triton::<name>")``, also recording the plain body in :data:`BODIES`."""
+def kernel_body(name: str):
+    """Record the decorated function in :data:`BODIES` as the body of op ``name``; returns it unchanged."""
 
-    def register(fn):
+    def record(fn):
         BODIES[name] = fn
-        return torch.library.triton_op(f"moe_triton::{name}", mutates_args=mutates_args)(fn)
+        return fn
 
-    return register
+    return record
 
 
 def launch(kernel, grid, *args, **meta) -> None:
-    """``kernel[grid](*args, **meta)``: traced by ``wrap_triton`` under torch.compile / export, else
-    launched through :func:`_launch_compiled` (the compiled kernel's own launcher).
-
-    A ``triton_op`` body is also its fake and runs on fake tensors: compiled kernels are
-    traced by ``wrap_triton``; the interpreter would try to read them, so it is skipped.
-    """
+    """``kernel[grid](*args, **meta)``: in the interpreter without the compiler-only options, else
+    through :func:`_launch_compiled` (the compiled kernel's own launcher) once it is compiled."""
     if INTERPRET:
-        if any(is_fake(a) for a in args if isinstance(a, torch.Tensor)):
-            return
         meta.pop("num_warps", None)
         meta.pop("num_stages", None)
         kernel[grid](*args, **meta)
-    elif is_wrap_triton_enabled() or not _launch_compiled(kernel, grid, args, meta):
-        wrap_triton(kernel)[grid](*args, **meta)
+    elif not _launch_compiled(kernel, grid, args, meta):
+        kernel[grid](*args, **meta)
 
 
 def _launch_compiled(kernel, grid, args, meta) -> bool:

@@ -127,14 +127,14 @@ def activation_grads(grad, h, probs, kind, alpha, limit, linear_offset) -> tuple
     return grad_h, grad_probs
 
 
-@C.triton_op("activation")
+@C.kernel_body("activation")
 def activation(
     h: Tensor, probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float], linear_offset: float
 ) -> Tensor:
     return activation_forward(h, probs, kind, alpha, limit, linear_offset)
 
 
-@C.triton_op("activation_backward")
+@C.kernel_body("activation_backward")
 def activation_backward(
     grad: Tensor, h: Tensor, probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float],
     linear_offset: float,

@@ -113,18 +113,19 @@ def bias_grads(
     pair_of_row: Optional[Tensor] = None,
     *,
     want_probs_grad: bool = True,
+    topk: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """``grad_bias [G, N]`` and ``grad_probs`` (like ``probs``; empty float32 when None or not wanted).
 
     ``pair_of_row`` given: ``grad`` is in token order (``[T, N]``) and row r reads token
-    ``pair_of_row[r] // K``; else ``grad`` is ``[M, N]`` in expert order.
+    ``pair_of_row[r] // K`` (``K = topk``, default ``M // T``); else ``grad`` is ``[M, N]`` in expert order.
     """
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
     bias = bias.contiguous()
     G, N = bias.shape
     gather = pair_of_row is not None
     M = pair_of_row.shape[0] if gather else grad.shape[0]
-    topk = M // grad.shape[0] if gather and grad.shape[0] > 0 else 1
+    topk = topk or (M // grad.shape[0] if gather and grad.shape[0] > 0 else 1)
     src = pair_of_row if gather else offsets
     blocks = C.rows_blocks(N)
     reduce_rows = blocks.m * 4  # rows per step of the per-group column reduction
@@ -147,11 +148,11 @@ def bias_grads(
     return grad_bias, grad_probs
 
 
-@C.triton_op("add_expert_bias")
+@C.kernel_body("add_expert_bias")
 def add_expert_bias(h: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor]) -> Tensor:
     return add_bias(h, bias, offsets, probs)
 
 
-@C.triton_op("expert_bias_backward")
+@C.kernel_body("expert_bias_backward")
 def expert_bias_backward(grad: Tensor, bias: Tensor, offsets: Tensor, probs: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return bias_grads(grad, bias, offsets, probs)

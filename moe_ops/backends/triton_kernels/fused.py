@@ -24,65 +24,74 @@ from moe_ops.backends.triton_kernels.bias import bias_grads
 from moe_ops.backends.triton_kernels.grouped_gemm import grouped_gemm
 from moe_ops.backends.triton_kernels.permute import combine_rows
 from moe_ops.backends.triton_kernels.wgrad import grouped_wgrad
+from moe_ops.ops.fused_composition import first_rows, padded_rows
 
 
-def _flat(probs: Optional[Tensor]) -> Optional[Tensor]:
-    return None if probs is None else probs.reshape(-1).contiguous()
+def _flat(probs: Optional[Tensor], rows: int) -> Optional[Tensor]:
+    return None if probs is None else probs.reshape(-1)[:rows].contiguous()
 
 
-@C.triton_op("expert_up")
+@C.kernel_body("expert_up")
 def expert_up(
     x: Tensor, pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor, w1: Tensor, b1: Optional[Tensor],
     probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float], linear_offset: float,
+    num_rows: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
+    M = pair_of_row.shape[0] if num_rows is None else num_rows
+    pair_of_row, offsets = first_rows(M, pair_of_row, offsets)
     a, h = grouped_gemm(
         x, w1, offsets, pair_of_row=pair_of_row.contiguous(), bias=None if b1 is None else b1.contiguous(),
-        probs=_flat(probs), act=kind, alpha=alpha, limit=limit, linear_offset=linear_offset,
+        probs=_flat(probs, M), act=kind, alpha=alpha, limit=limit, linear_offset=linear_offset,
+        topk=row_of_pair.shape[1],
     )
     return a, h
 
 
-@C.triton_op("expert_down")
+@C.kernel_body("expert_down")
 def expert_down(
     a: Tensor, w2: Tensor, b2: Optional[Tensor], probs: Optional[Tensor], pair_of_row: Tensor, row_of_pair: Tensor,
     offsets: Tensor, out_dtype: Optional[torch.dtype],
 ) -> Tensor:
+    M = a.shape[0]
+    _, offsets = first_rows(M, pair_of_row, offsets)
     # The D-wide rows cannot be summed per token inside the GEMM without atomics (a token's K
     # rows sit in K different experts' tiles), so they go through memory once, in x.dtype.
-    out, _ = grouped_gemm(a, w2, offsets, bias=None if b2 is None else b2.contiguous(), probs=_flat(probs))
+    out, _ = grouped_gemm(a, w2, offsets, bias=None if b2 is None else b2.contiguous(), probs=_flat(probs, M))
     return combine_rows(out, row_of_pair, offsets, None, out_dtype)
 
 
-@C.triton_op("expert_down_backward")
+@C.kernel_body("expert_down_backward")
 def expert_down_backward(
     grad_y: Tensor, a: Tensor, w2: Tensor, b2: Optional[Tensor], probs: Optional[Tensor], pair_of_row: Tensor,
     row_of_pair: Tensor, offsets: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    M, K = a.shape[0], row_of_pair.shape[1]
+    pair_of_row, offsets = first_rows(M, pair_of_row, offsets)
     grad_y = grad_y.to(a.dtype).contiguous()  # the GEMMs multiply it with w2 / a
     pair_of_row = pair_of_row.contiguous()
-    grad_a, _ = grouped_gemm(grad_y, w2.transpose(1, 2), offsets, pair_of_row=pair_of_row)
-    grad_w2 = grouped_wgrad(a, grad_y, offsets, pair_of_row=pair_of_row, gather_b=True)
+    grad_a, _ = grouped_gemm(grad_y, w2.transpose(1, 2), offsets, pair_of_row=pair_of_row, topk=K)
+    grad_w2 = grouped_wgrad(a, grad_y, offsets, pair_of_row=pair_of_row, gather_b=True, topk=K)
     if b2 is None:
         return grad_a, grad_w2, a.new_empty(0), a.new_empty(0, dtype=torch.float32)
-    flat = _flat(probs)
-    grad_b2, grad_probs = bias_grads(grad_y, b2, offsets, flat, pair_of_row)
+    grad_b2, grad_probs = bias_grads(grad_y, b2, offsets, _flat(probs, M), pair_of_row, topk=K)
     if probs is not None:
-        grad_probs = grad_probs.reshape(probs.shape)
+        grad_probs = padded_rows(grad_probs, probs.numel()).reshape(probs.shape)
     return grad_a, grad_w2, grad_b2, grad_probs
 
 
-@C.triton_op("expert_up_backward")
+@C.kernel_body("expert_up_backward")
 def expert_up_backward(
     grad_a: Tensor, x: Tensor, h: Tensor, pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor, w1: Tensor,
     b1: Optional[Tensor], probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float],
     linear_offset: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    flat = _flat(probs)
-    grad_h, grad_probs = activation_grads(grad_a, h, flat, kind, alpha, limit, linear_offset)
+    M, K = h.shape[0], row_of_pair.shape[1]
+    pair_of_row, offsets = first_rows(M, pair_of_row, offsets)
+    grad_h, grad_probs = activation_grads(grad_a, h, _flat(probs, M), kind, alpha, limit, linear_offset)
     if probs is not None:
-        grad_probs = grad_probs.reshape(probs.shape)
+        grad_probs = padded_rows(grad_probs, probs.numel()).reshape(probs.shape)
     grad_rows, _ = grouped_gemm(grad_h, w1.transpose(1, 2), offsets)
     grad_x = combine_rows(grad_rows, row_of_pair, offsets, None)
-    grad_w1 = grouped_wgrad(x, grad_h, offsets, pair_of_row=pair_of_row.contiguous(), gather_a=True)
+    grad_w1 = grouped_wgrad(x, grad_h, offsets, pair_of_row=pair_of_row.contiguous(), gather_a=True, topk=K)
     grad_b1 = x.new_empty(0) if b1 is None else bias_grads(grad_h, b1, offsets, None)[0]
     return grad_x, grad_w1, grad_b1, grad_probs

@@ -119,11 +119,12 @@ def grouped_gemm(
     alpha: float = 1.702,
     limit: Optional[float] = None,
     linear_offset: float = 1.0,
+    topk: Optional[int] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``out [M, N]`` (and ``h [M, C]`` with ``act``) for ``b [G, KD, C]`` (any strides).
 
     ``pair_of_row`` given: A row of output row r is ``a[pair_of_row[r] // K]`` with
-    ``K = M // a.shape[0]``, M = ``pair_of_row.numel()``; else A is ``a [M, KD]``.
+    ``K = topk`` (default ``M // a.shape[0]``), M = ``pair_of_row.numel()``; else A is ``a [M, KD]``.
     ``probs`` scales the bias (no ``act``) or the activation (with ``act``).
     Rows past ``offsets[-1]`` are zeros.
     """
@@ -131,7 +132,7 @@ def grouped_gemm(
     G, KD, C_width = b.shape
     gather = pair_of_row is not None
     M = pair_of_row.shape[0] if gather else a.shape[0]
-    topk = M // a.shape[0] if gather and a.shape[0] > 0 else 1
+    topk = topk or (M // a.shape[0] if gather and a.shape[0] > 0 else 1)
     kind = C.ACT_KIND[act]
     N = C_width // 2 if act in ("swiglu", "quick_geglu") else C_width
     out = a.new_empty(M, N)
@@ -157,7 +158,7 @@ def grouped_gemm(
     return out, h
 
 
-@C.triton_op("grouped_mm")
+@C.kernel_body("grouped_mm")
 def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     return grouped_gemm(a, b, offsets)[0]
 
@@ -177,7 +178,7 @@ def _clear_tail_kernel(rows_ptr, stride_m, offsets_ptr, G, M, N, BM: tl.constexp
                      mask=tail[:, None] & (cols < N)[None, :])
 
 
-@C.triton_op("clear_tail_", mutates_args={"rows"})
+@C.kernel_body("clear_tail_")
 def clear_tail_(rows: Tensor, offsets: Tensor) -> None:
     M, N = rows.shape
     blocks = C.rows_blocks(N)

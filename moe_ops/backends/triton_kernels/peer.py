@@ -116,7 +116,7 @@ def _padded(sources: list[Tensor]) -> tuple[list[Tensor], list[int]]:
     return _eight(sources), [s.shape[0] for s in sources] + [0] * (MAX_SOURCES - len(sources))
 
 
-@C.triton_op("gather_from")
+@C.kernel_body("gather_from")
 def gather_from(sources: list[Tensor], index: list[Tensor], counts: list[Tensor]) -> Tensor:
     S, Cap = len(index), index[0].shape[0]
     D = sources[0].shape[1]
@@ -131,7 +131,7 @@ def gather_from(sources: list[Tensor], index: list[Tensor], counts: list[Tensor]
     return out
 
 
-@C.triton_op("sum_from")
+@C.kernel_body("sum_from")
 def sum_from(sources: list[Tensor], row: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     T, S = row.shape
     D = sources[0].shape[1]
@@ -146,7 +146,7 @@ def sum_from(sources: list[Tensor], row: Tensor, out_dtype: Optional[torch.dtype
     return y
 
 
-@C.triton_op("put_to", mutates_args={"dests"})
+@C.kernel_body("put_to")
 def put_to(rows: Tensor, dests: list[Tensor]) -> None:
     S, Cap, D = len(dests), dests[0].shape[0], dests[0].shape[1]
     assert all(d.is_contiguous() for d in dests), "put_to writes contiguous destinations"

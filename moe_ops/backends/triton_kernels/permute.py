@@ -144,18 +144,18 @@ def combine_rows(
     return y
 
 
-@C.triton_op("gather")
+@C.kernel_body("gather")
 def gather(x: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor],
            num_rows: Optional[int] = None) -> Tensor:
     return gather_rows(x, row_of_pair, offsets, weights, num_rows)
 
 
-@C.triton_op("combine")
+@C.kernel_body("combine")
 def combine(rows: Tensor, row_of_pair: Tensor, offsets: Tensor, weights: Optional[Tensor]) -> Tensor:
     return combine_rows(rows, row_of_pair, offsets, weights)
 
 
-@C.triton_op("pair_dot")
+@C.kernel_body("pair_dot")
 def pair_dot(a: Tensor, rows: Tensor, row_of_pair: Tensor, offsets: Tensor) -> Tensor:
     a, rows = _contiguous_rows(a), _contiguous_rows(rows)
     row_of_pair = row_of_pair.contiguous()

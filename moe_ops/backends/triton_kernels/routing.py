@@ -92,7 +92,7 @@ def _route_blocks(bins: int) -> tuple[int, int]:
     return (32, 4) if C.INTERPRET else (1024, max(1, 2048 // bins))
 
 
-@C.triton_op("route")
+@C.kernel_body("route")
 def route(
     indices: Tensor, token_mask: Tensor, expert_start: int, num_experts: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -55,14 +55,16 @@ def grouped_wgrad(
     pair_of_row: Optional[Tensor] = None,
     gather_a: bool = False,
     gather_b: bool = False,
+    topk: Optional[int] = None,
 ) -> Tensor:
-    """``[G, KD, N]``: per group ``A_g^T @ B_g``; a gathered operand is in token order (``[T, .]``)."""
+    """``[G, KD, N]``: per group ``A_g^T @ B_g``; a gathered operand is in token order (``[T, .]``) and
+    row r reads token ``pair_of_row[r] // topk`` (default ``topk = M // T``)."""
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
     G = offsets.shape[0]
     M = pair_of_row.shape[0] if pair_of_row is not None else a.shape[0]
     token_rows = b.shape[0] if gather_b else a.shape[0]
-    topk = M // token_rows if (gather_a or gather_b) and token_rows > 0 else 1
+    topk = topk or (M // token_rows if (gather_a or gather_b) and token_rows > 0 else 1)
     KD, N = a.shape[1], b.shape[1]
     out = a.new_empty(G, KD, N)
     blocks = C.wgrad_blocks(a.dtype)
@@ -79,6 +81,6 @@ def grouped_wgrad(
     return out
 
 
-@C.triton_op("grouped_mm_wgrad")
+@C.kernel_body("grouped_mm_wgrad")
 def grouped_mm_wgrad(a: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
     return grouped_wgrad(a, grad, offsets)

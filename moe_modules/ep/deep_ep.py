@@ -1,10 +1,10 @@
-"""GroupedExpertsDeepEP through DeepEP's own buffers, when the optional ``deep_ep`` package is importable.
+"""Expert parallelism through DeepEP's own buffers, when the optional ``deep_ep`` package is importable.
 
 DeepEP (DeepSeek's dispatch/combine kernels over NVLink) moves each token once to every rank that
-owns one of its experts — the layout of :mod:`moe_modules.ep_all_to_all` — so only the transport
+owns one of its experts — the layout of :mod:`moe_modules.ep.all_to_all` — so only the transport
 changes: ``deep_ep.Buffer.dispatch`` hands each rank the received rows, their K routing weights
-(float32) and their K expert ids made local (-1: another rank's expert); our local experts run on
-them (``experts_on_received_tokens``, shared with the all-to-all path) and ``Buffer.combine`` sums a
+(float32) and their K expert ids made local (-1: another rank's expert); the module's experts run on
+them like on any other :class:`~moe_modules.ep.dispatcher.Received`, and ``Buffer.combine`` sums a
 token's per-rank partial rows at home.  Backward is DeepEP's own mirror: the dispatch's gradient is
 a combine (of the row and weight gradients), the combine's a dispatch reusing the handle.
 
@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moe_modules.ep_all_to_all import AllToAllDispatcher, experts_on_received_tokens
-from moe_modules.expert_block import Activation
+from moe_modules.ep.all_to_all import AllToAllDispatcher
+from moe_modules.ep.dispatcher import Received
 
 DEEP_EP_DTYPES = (torch.bfloat16,)
 DEEP_EP_DEVICE_TYPES = ("cuda",)  # the CPU tests widen this for their gloo stand-in of the package
@@ -140,26 +140,25 @@ def _buffer_for(group, ep_size: int, hidden_bytes: int, device: torch.device):
 
 
 class DeepEPDispatcher:
-    """Dispatch / combine of :class:`~moe_modules.GroupedExpertsDeepEP` through DeepEP's buffers where
-    they support the call, else the all-to-all path (or, with ``require``, an error listing why)."""
+    """Dispatch / combine through DeepEP's buffers where they support the call, else the all-to-all
+    path (or, with ``require``, an error listing why)."""
 
-    def __init__(self, ep_mesh, n_routed_experts: int, require: bool = False):
+    def __init__(self, ep_mesh, n_routed_experts: int, reduce_dtype: Optional[torch.dtype] = torch.float32,
+                 require: bool = False):
         importlib.import_module("deep_ep")  # now, not per call: the per-call check then finds it in sys.modules
-        self.fallback = AllToAllDispatcher(ep_mesh, n_routed_experts)
+        self.fallback = AllToAllDispatcher(ep_mesh, n_routed_experts, reduce_dtype)
         self.ep_mesh, self.ep_size = ep_mesh, ep_mesh.size()
-        self.num_experts, self.require = n_routed_experts, require
+        self.num_experts, self.reduce_dtype, self.require = n_routed_experts, reduce_dtype, require
         self.experts_per_rank = self.fallback.experts_per_rank
 
-    def run(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
-            b1: Optional[Tensor], b2: Optional[Tensor], act: Activation,
-            reduce_dtype: Optional[torch.dtype] = torch.float32) -> Tensor:
-        reasons = deep_ep_not_supported_reasons(x, indices.shape[1], reduce_dtype, self.ep_size,
+    def dispatch(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Received:
+        reasons = deep_ep_not_supported_reasons(x, indices.shape[1], self.reduce_dtype, self.ep_size,
                                                 self.experts_per_rank)
         if reasons:
             if self.require:
                 raise NotImplementedError("apply_ep(use_deep_ep=True): DeepEP's buffers cannot run this call:\n"
                                           + "\n".join(f"  - {r}" for r in reasons))
-            return self.fallback.run(x, token_mask, weights, indices, w1, w2, b1, b2, act, reduce_dtype)
+            return self.fallback.dispatch(x, token_mask, weights, indices)
         group = self.ep_mesh.get_group()
         D = x.shape[1]
         state = _Handle(_buffer_for(group, self.ep_size, D * max(x.element_size(), 2), x.device))
@@ -168,6 +167,11 @@ class DeepEPDispatcher:
         topk_idx = torch.where(routed, idx, -1)  # DeepEP: int64, -1 for no selection
         rows, recv_weights, recv_idx = _DeepEPDispatch.apply(x.contiguous(), weights.float(), topk_idx,
                                                              self.num_experts, state)
-        partial = experts_on_received_tokens(rows, recv_weights.to(weights.dtype), recv_idx, state.num_local_pairs,
-                                             w1, w2, b1, b2, act, x.dtype)
-        return _DeepEPCombine.apply(partial, state)
+        everyone = torch.ones(rows.shape[0], dtype=torch.bool, device=x.device)
+        return Received(rows, everyone, recv_weights.to(weights.dtype), recv_idx, state.num_local_pairs, x.dtype,
+                        state)
+
+    def combine(self, partial: Tensor, received: Received) -> Tensor:
+        if not isinstance(received.state, _Handle):  # the dispatch took the all-to-all path
+            return self.fallback.combine(partial, received)
+        return _DeepEPCombine.apply(partial, received.state)

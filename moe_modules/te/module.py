@@ -4,7 +4,8 @@ Same contract and math as :class:`~moe_modules.GroupedExperts` (SPEC §4)::
 
     route -> gather -> [ GroupedLinear(W1, +b1) -> activation * prob -> GroupedLinear(W2) + prob * b2 ] -> combine
 
-The bracket runs as one opaque ``moe::opaque_forward`` op (:mod:`moe_ops.ops.opaque_module`):
+The bracket runs as one opaque ``moe::opaque_forward`` op (``moe_ops.opaque_call``; its body is
+:mod:`moe_modules.te.experts`):
 ``GroupedLinear`` is excluded from Dynamo and wants host split sizes, so inside the op the
 per-expert counts are read with ``.tolist()`` (one device->host sync per forward), rows are
 padded per expert to the FP8 alignment when a Transformer Engine FP8 autocast is active, and
@@ -17,7 +18,7 @@ module; the gate/up bias is unweighted, so Transformer Engine adds it in its GEM
 
 Parameters live in the two ``GroupedLinear`` modules (``weight{e} [out, in]``, ``bias{e}``,
 E / ep_size local experts); ``gate_and_up_projs``, ``down_projs``, ``gate_up_proj_bias`` and
-``down_proj_bias`` read and write them in the stacked x@W layout (:mod:`moe_modules.te_layout`),
+``down_proj_bias`` read and write them in the stacked x@W layout (:mod:`moe_modules.te.layout`),
 and ``state_dict()`` / ``load_state_dict()`` speak exactly those four keys (``Shard(0)`` DTensors
 on the EP mesh under expert parallelism).  Transformer Engine's FP8 metadata (``_extra_state``)
 is not part of the state dict, so checkpoints stay interchangeable with the other modules.
@@ -25,162 +26,19 @@ is not part of the state dict, so checkpoints stay interchangeable with the othe
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib
-import importlib.util
-import itertools
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import moe_ops
-from moe_modules import te_layout
 from moe_modules._params import PARAM_NAMES
 from moe_modules.config import MoEConfig
-from moe_modules.expert_block import Activation, check_forward_inputs, permuted_probs
-from moe_ops.ops import opaque_module
-
-INSTALL_HINT = (
-    "GroupedExpertsTE needs Transformer Engine (transformer_engine.pytorch), which is not installed. "
-    "On a CUDA machine, install it with: pip install 'moe-ops[te]'  "
-    "(or pip install 'transformer-engine[pytorch]')."
-)
-
-
-def transformer_engine_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
-def require_transformer_engine() -> None:
-    if importlib.util.find_spec("transformer_engine") is None:
-        raise ImportError(INSTALL_HINT)
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception as e:  # a broken install says so, with the hint
-        raise ImportError(f"{INSTALL_HINT} Importing it failed: {e}") from e
-
-
-# ---- the two things this module needs from Transformer Engine ------------------------------------
-
-
-class TransformerEngineAPI:
-    """``GroupedLinear`` construction and the FP8 row alignment, imported lazily.
-
-    The CPU tests substitute a stand-in with the same two methods (:func:`_engine`).
-    """
-
-    def grouped_linear(self, num_gemms: int, in_features: int, out_features: int, *, bias: bool,
-                       return_bias: bool, params_dtype: torch.dtype, device) -> nn.Module:
-        import transformer_engine.pytorch as te
-
-        return te.GroupedLinear(num_gemms, in_features, out_features, bias=bias, return_bias=return_bias,
-                                params_dtype=params_dtype, device=device)
-
-    def row_alignment(self) -> int:
-        """Rows per expert must be a multiple of this for the current GEMMs: 1 unless a TE FP8/FP4
-        autocast is active (16 for per-tensor FP8, 32 for MXFP8, as Transformer Engine reports)."""
-        q = _te_quantization()
-        if not q.FP8GlobalStateManager.is_fp8_enabled():
-            return 1
-        recipe = q.FP8GlobalStateManager.get_fp8_recipe()
-        if hasattr(q, "get_align_size_for_quantization"):
-            return int(q.get_align_size_for_quantization(recipe))
-        if getattr(recipe, "mxfp8", lambda: False)():
-            return 32
-        return 16
-
-
-@functools.lru_cache(maxsize=None)
-def _te_quantization():
-    try:  # TE >= 2.8 keeps the FP8 state in .quantization, older releases in .fp8
-        return importlib.import_module("transformer_engine.pytorch.quantization")
-    except ImportError:
-        return importlib.import_module("transformer_engine.pytorch.fp8")
-
-
-def _engine() -> TransformerEngineAPI:
-    return TransformerEngineAPI()
-
-
-# ---- per-layer lookup from inside the opaque op ----------------------------------------------------
-
-_LAYERS = opaque_module.ObjectRegistry("GroupedExpertsTE")
-OPAQUE_NAME = "moe_modules.te.GroupedExpertsTE"
-
-
-class _TEExperts:
-    """The opaque function: ``[layer handle, rows [N, D], probs [N], tokens_per_expert [E_local],
-    *W1, *b1, *W2, *b2] -> (out [N, D],)`` with rows sorted by local expert (rows past the counts
-    are ignored and give 0)."""
-
-    def forward(self, inputs: list[Tensor]) -> opaque_module.OpaqueResult:
-        handle, rows, probs, tokens_per_expert, *params = inputs
-        return _LAYERS.lookup(handle)._experts_on_sorted_rows(rows, probs, tokens_per_expert, params)
-
-    def fake(self, inputs: list[Tensor]) -> tuple[Tensor]:
-        rows = inputs[1]
-        return (torch.empty_like(rows, memory_format=torch.contiguous_format),)
-
-
-_LEADING_INPUTS = 4  # handle, rows, probs, tokens_per_expert
-
-
-opaque_module.register_function(OPAQUE_NAME, _TEExperts())
-
-
-@contextlib.contextmanager
-def _swapped_params(linear: nn.Module, weights: Sequence[Tensor], biases: Sequence[Tensor]):
-    """Run ``linear`` on the given per-expert tensors (the op's autograd-attached inputs) instead of
-    its own parameters; its FP8 metadata and workspaces stay the module's own."""
-    params = linear._parameters
-    saved = dict(params)
-    try:
-        for i, w in enumerate(weights):
-            params[f"weight{i}"] = w
-        for i, b in enumerate(biases):
-            params[f"bias{i}"] = b
-        yield
-    finally:
-        for name, value in saved.items():
-            params[name] = value
-
-
-def _pad_groups(x: Tensor, probs: Tensor, counts: list[int], align: int):
-    """Pad every expert's rows to a multiple of ``align`` with zero rows (probability 0).
-
-    Returns the padded rows and probs, the padded counts, and ``keep [valid]``: the padded
-    position of each original row.  Zero rows add nothing to weight gradients and their
-    outputs are dropped, so results equal the unpadded ones.
-    """
-    padded = [-(-c // align) * align for c in counts]
-    starts = itertools.accumulate([0] + counts[:-1])
-    padded_starts = itertools.accumulate([0] + padded[:-1])
-    shift = [p0 - c0 for p0, c0 in zip(padded_starts, starts)]
-    device = x.device
-    keep = torch.arange(x.shape[0], device=device) + torch.repeat_interleave(
-        torch.tensor(shift, device=device), torch.tensor(counts, device=device), output_size=x.shape[0])
-    total = sum(padded)
-    x_pad = x.new_zeros(total, x.shape[1]).index_copy(0, keep, x)
-    p_pad = probs.new_zeros(total, *probs.shape[1:]).index_copy(0, keep, probs)
-    return x_pad, p_pad, padded, keep
-
-
-def _zero_experts(grads: list, empty: list[int], per_group: int, num_groups: int) -> None:
-    """Exact zeros for the parameters of experts with no rows, whatever Transformer Engine left in its
-    (uninitialised) weight-gradient buffer for a GEMM with no rows; in place, so packed buffers stay packed."""
-    for group in range(num_groups):
-        for e in empty:
-            i = _LEADING_INPUTS + group * per_group + e
-            g = grads[i]
-            if g is None:
-                continue
-            if g.is_contiguous():
-                g.zero_()
-            else:
-                grads[i] = torch.zeros_like(g)
+from moe_modules.ep import make_dispatcher
+from moe_modules.ep.dispatcher import Dispatcher, LocalDispatcher, Received
+from moe_modules.expert_block import Activation, permuted_probs
+from moe_modules.te import engine, layout as te_layout
+from moe_modules.te.experts import LAYERS, LEADING_INPUTS, OPAQUE_NAME
 
 
 def _is_dtensor(value) -> bool:
@@ -222,8 +80,10 @@ class GroupedExpertsTE(nn.Module):
     read from them (``module.down_projs.normal_()``) changes nothing, as in NeMo AutoModel.
     """
 
+    default_transport = "all_to_all"  # apply_ep's transport unless told otherwise
+
     def __init__(self, config: MoEConfig, device=None):
-        require_transformer_engine()
+        engine.require_transformer_engine()
         super().__init__()
         self.config = config
         self.n_routed_experts = config.n_routed_experts
@@ -232,17 +92,17 @@ class GroupedExpertsTE(nn.Module):
         self.ep_mesh = None
         self.moe_mesh = None
         self.ep_rank = 0
-        self.token_dispatcher = None
+        self.token_dispatcher = LocalDispatcher()
         self._device = torch.device(device) if device is not None else _default_device()
-        self._te = _engine()
+        self._te = engine.load()
         self._build(config.n_routed_experts)
         # The layer travels into the op as data (a CPU int64 tensor, not a buffer: .to() leaves it):
         # every layer of a model shares one compiled graph.
-        self._handle = _LAYERS.register(self)
+        self._handle = LAYERS.register(self)
 
     def __setstate__(self, state):  # copies and unpickled modules get their own handle
         super().__setstate__(state)
-        self._handle = _LAYERS.register(self)
+        self._handle = LAYERS.register(self)
 
     def _build(self, num_local: int, device=None) -> None:
         engine = self._te
@@ -448,12 +308,17 @@ class GroupedExpertsTE(nn.Module):
     def init_token_dispatcher(self, ep_mesh, moe_mesh=None) -> None:
         """Expert parallelism over the 1-D ``ep_mesh``: this rank keeps experts
         ``rank * E/ep_size ...`` and tokens move by all-to-all dispatch / combine."""
-        from moe_modules.parallel import AllToAllDispatcher
-
         self._shard_to(ep_mesh)
-        self.token_dispatcher = AllToAllDispatcher(ep_mesh, self.n_routed_experts)
+        self.use_dispatcher(make_dispatcher(ep_mesh, self.n_routed_experts))
         if moe_mesh is not None:
             self.moe_mesh = moe_mesh
+
+    def use_dispatcher(self, dispatcher: Dispatcher) -> None:
+        """Move tokens with ``dispatcher`` (:func:`moe_modules.apply_ep` builds it, after sharding the
+        parameters over its mesh)."""
+        if dispatcher.ep_mesh is not None:
+            self._shard_to(dispatcher.ep_mesh)
+        self.token_dispatcher = dispatcher
 
     def set_moe_mesh(self, moe_mesh) -> None:
         """Record the MoE mesh (e.g. ``("ep", "ep_shard")``).  If the module is not sharded yet and the
@@ -472,60 +337,22 @@ class GroupedExpertsTE(nn.Module):
     def forward(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         """``x [T, D]``, ``token_mask [T]`` bool, ``weights [T, K]``, ``indices [T, K]`` -> ``[T, D]``
         in ``x.dtype``."""
-        check_forward_inputs(x, token_mask, weights, indices, self.config.dim)
-        if self.token_dispatcher is None:
-            return self._local_block(x, token_mask, weights, indices)
-        d = self.token_dispatcher.dispatch(x, token_mask, weights, indices)
-        everyone = torch.ones(d.rows.shape[0], dtype=torch.bool, device=x.device)
-        partial = self._local_block(d.rows, everyone, d.probs, d.local_indices)
-        return self.token_dispatcher.combine(partial, d)
+        moe_ops.check_expert_inputs(x, token_mask, weights, indices, self.config.dim)
+        received = self.token_dispatcher.dispatch(x, token_mask, weights, indices)
+        return self.token_dispatcher.combine(self._experts(received), received)
 
-    def _local_block(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        """The expert block over the local experts ``0 .. E_local - 1`` (indices are local ids)."""
+    def _experts(self, received: Received) -> Tensor:
+        """The expert block over the local experts ``0 .. E_local - 1`` on what the dispatcher received:
+        ``[N, D]`` partial outputs in ``received.out_dtype``."""
+        rows_in, token_mask, weights, indices, num_pairs, out_dtype, _ = received
         pair_of_row, row_of_pair, tokens_per_expert, offsets = moe_ops.route(indices, token_mask, 0,
                                                                              self.num_local_experts)
         probs = permuted_probs(weights, pair_of_row)
-        rows = moe_ops.gather(x, row_of_pair, offsets)
+        rows = moe_ops.gather(rows_in, row_of_pair, offsets, None, num_pairs)
         params = self._te_params()
-        groups = [1] * _LEADING_INPUTS + [self.num_local_experts] * (len(params) // self.num_local_experts)
-        (out,) = opaque_module.opaque_call(OPAQUE_NAME, [self._handle, rows, probs, tokens_per_expert, *params], groups)
-        return moe_ops.combine(out, row_of_pair, offsets)
-
-    def _experts_on_sorted_rows(self, rows: Tensor, probs: Tensor, tokens_per_expert: Tensor,
-                                params: Sequence[Tensor]) -> opaque_module.OpaqueResult:
-        """Inside the opaque op (eager, autograd recording): rows sorted by local expert -> expert outputs,
-        ``[N, D]``, 0 past the valid rows; experts without rows get zero parameter gradients."""
-        E, nb = self.num_local_experts, (self.num_local_experts if self.expert_bias else 0)
-        w1, b1 = params[:E], params[E:E + nb]
-        w2, b2 = params[E + nb:2 * E + nb], params[2 * E + nb:]
-        counts = [int(c) for c in tokens_per_expert.tolist()]  # the one host sync: TE wants host splits
-        valid, (N, D) = sum(counts), rows.shape
-        x, p = rows[:valid], probs[:valid]
-        if x.dtype != w1[0].dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(w1[0].dtype)  # TE requires matching dtypes outside autocast
-        align = self._te.row_alignment()
-        split, keep = counts, None
-        if valid == 0:
-            # Still run the GEMMs (on one group of zero rows): every rank calls Transformer Engine the same
-            # way, so FP8 amax bookkeeping stays in step; zero rows change no gradient.
-            split, keep = [max(align, 1)] + [0] * (E - 1), torch.zeros(0, dtype=torch.int64, device=x.device)
-            x, p = x.new_zeros(split[0], x.shape[1]), p.new_zeros(split[0], *p.shape[1:])
-        elif align > 1:
-            x, p, split, keep = _pad_groups(x, p, counts, align)
-        with _swapped_params(self.gate_up_linear, w1, b1), _swapped_params(self.down_linear, w2, b2):
-            h = self.gate_up_linear(x, split)
-            a = moe_ops.activation(h, p, self.activation.kind, self.activation.alpha, self.activation.limit,
-                                   self.activation.linear_offset)
-            out = self.down_linear(a, split)
-        if self.expert_bias:
-            out = out[0]  # return_bias=True: TE left the down bias out of its GEMM
-            offsets = torch.tensor(list(itertools.accumulate(split)), dtype=torch.int32, device=out.device)
-            out = moe_ops.add_expert_bias(out, torch.stack(list(b2)), offsets, p)
-        if keep is not None:
-            out = out.index_select(0, keep)
-        empty = [e for e, count in enumerate(counts) if count == 0]
-        fix = functools.partial(_zero_experts, empty=empty, per_group=E, num_groups=len(params) // E) if empty else None
-        return opaque_module.OpaqueResult([F.pad(out.to(rows.dtype), (0, 0, 0, N - valid))], fix)
+        groups = [1] * LEADING_INPUTS + [self.num_local_experts] * (len(params) // self.num_local_experts)
+        (out,) = moe_ops.opaque_call(OPAQUE_NAME, [self._handle, rows, probs, tokens_per_expert, *params], groups)
+        return moe_ops.combine(out.to(out_dtype), row_of_pair, offsets)
 
     def init_weights(self, buffer_device: torch.device, init_std: float = 0.02) -> None:
         """normal(0, init_std) weights, zero biases (in place, on every local expert)."""

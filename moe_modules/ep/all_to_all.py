@@ -1,4 +1,4 @@
-"""GroupedExpertsDeepEP under expert parallelism: all-to-all dispatch, local experts, all-to-all combine.
+"""Expert parallelism by all-to-all: dispatch, local experts, combine (DeepEP's pattern over torch.distributed).
 
 Each token travels once to each rank that owns at least one of its K experts (DeepEP's layout),
 not once per expert: with DeepSeek-V3 routing (K=8 of 256 experts) that is about 2 rows per token
@@ -13,16 +13,17 @@ experts per rank; rank ``r`` owns experts ``r*E_local ... (r+1)*E_local - 1``):
 3. Dispatch: ``moe.gather`` writes the rows in send order (exactly the rows sent, no padding), and
    two all-to-alls carry them and, per row, the token's K routing weights with its K expert ids
    made local (-1 where the expert lives on another rank) — the metadata travel as one float tensor.
-4. The receiver runs its experts on the received tokens: the (token, local expert) pairs are
-   gathered into expert order, the local experts run on them, and ``moe.combine`` sums each token's
-   local pairs (float32, slot order) into one partial row, kept in float32 by default
+4. The receiver's experts run on the received rows (:class:`~moe_modules.ep.dispatcher.Received`):
+   one route of their (row, local expert) pairs and one block whose fused ops read the rows in place
+   and run exactly the ``num_pairs`` valid pairs (no padding rows), summing each row's local pairs
+   (float32, slot order) into one partial row, kept in float32 by default
    (``apply_ep(reduce_dtype=None)``: rounded to ``x.dtype``, as DeepEP sends it: half the bytes back).
 5. Combine: the inverse all-to-all brings the partial rows home, where ``moe.combine`` sums a token's
    per-rank partials in float32, in rank order (deterministic), rounded once to ``x.dtype``.
 
 Backward is the mirror image (all-to-all with the split sizes swapped).  Under ``torch.compile`` the
 all-to-alls are the autograd functional collectives, so ``fullgraph=True`` traces the whole path; in
-eager mode they are ``dist.all_to_all_single`` (``_ep_comm``: far less host time).  Every rank calls
+eager mode they are ``dist.all_to_all_single`` (``moe_modules.ep._comm``: far less host time).  Every rank calls
 every collective, also with zero tokens.
 """
 
@@ -34,31 +35,18 @@ import torch
 from torch import Tensor
 
 import moe_ops
-from moe_modules import _ep_comm as comm
-from moe_modules.expert_block import Activation, permuted_probs, run_local_experts
+from moe_modules.ep import _comm as comm
+from moe_modules.ep.dispatcher import Received, experts_per_rank, local_ids
 
 
-class Dispatched(NamedTuple):
-    """What :meth:`AllToAllDispatcher.dispatch` received, and what the combine needs to send it back."""
+class _Sent(NamedTuple):
+    """What the combine needs of the dispatch: where the sender's rows went."""
 
-    rows: Tensor  # [N, D] tokens received, each once per rank that owns one of its experts
-    probs: Tensor  # [N, K] their routing weights (the gradient flows back to the sender)
-    local_indices: Tensor  # [N, K] int64 local expert id of each slot; -1: expert on another rank
-    num_local_pairs: int  # valid (token, local expert) pairs in local_indices (host int)
     row_of_pair: Tensor  # [T, ep_size] the sender's row of (token, destination rank)
     offsets: Tensor  # [ep_size] int32 cumulative rows per destination (offsets[-1] = rows sent)
     send_splits: list  # rows sent to each rank (host ints)
     recv_splits: list  # rows received from each rank (host ints)
-
-
-def experts_per_rank(ep_mesh, n_routed_experts: int) -> int:
-    """``E / ep_size``; a clear error when the experts do not divide over the EP group."""
-    ep_size = ep_mesh.size()
-    if n_routed_experts % ep_size:
-        raise ValueError(
-            f"ep_mesh: n_routed_experts={n_routed_experts} must be divisible by the EP size, got ep_size={ep_size}"
-        )
-    return n_routed_experts // ep_size
+    x_dtype: torch.dtype
 
 
 def slot_on_rank(token_mask: Tensor, indices: Tensor, num_experts: int, experts_per_rank: int, ep: int) -> Tensor:
@@ -88,13 +76,14 @@ def metadata_dtype(weights: Tensor) -> torch.dtype:
 
 
 class AllToAllDispatcher:
-    """Token dispatch and combine of :class:`~moe_modules.GroupedExpertsDeepEP` over a 1-D EP mesh."""
+    """Each routed token goes once to every rank that owns one of its experts; partial rows come home."""
 
-    def __init__(self, ep_mesh, n_routed_experts: int):
+    def __init__(self, ep_mesh, n_routed_experts: int, reduce_dtype: Optional[torch.dtype] = torch.float32):
         self.experts_per_rank = experts_per_rank(ep_mesh, n_routed_experts)
         self.ep_mesh = ep_mesh
         self.ep_size = ep_mesh.size()
         self.num_experts = n_routed_experts
+        self.reduce_dtype = reduce_dtype
 
     def _send_layout(self, token_mask: Tensor, indices: Tensor):
         """Where each (token, destination rank) pair goes in the send buffer: by rank, tokens in order
@@ -108,7 +97,7 @@ class AllToAllDispatcher:
         _, (pair_of_row, row_of_pair, rows_per_rank, offsets) = route_to_ranks(on_rank_TKR, token_mask)
         return row_of_pair, offsets, pair_of_row, rows_per_rank, on_rank_TKR.sum((0, 1))
 
-    def dispatch(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Dispatched:
+    def dispatch(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Received:
         """Send each routed token once to every rank that owns one of its experts, with its weights
         and its expert ids local to that rank."""
         group = self.ep_mesh.get_group()
@@ -119,8 +108,8 @@ class AllToAllDispatcher:
         # Each candidate row's metadata, built before the host read below so that only the gather
         # and the all-to-alls are left after it.
         token_of_row, dest_of_row = pair_of_row // ep, pair_of_row % ep
-        local = indices.long().index_select(0, token_of_row) - (dest_of_row * self.experts_per_rank).unsqueeze(1)
-        local = torch.where((local >= 0) & (local < self.experts_per_rank), local, -1)
+        local = local_ids(indices.index_select(0, token_of_row), (dest_of_row * self.experts_per_rank).unsqueeze(1),
+                          self.experts_per_rank)
         meta_dtype = metadata_dtype(weights)
         meta_all = torch.cat([weights.index_select(0, token_of_row).to(meta_dtype), local.to(meta_dtype)], 1)
 
@@ -135,47 +124,14 @@ class AllToAllDispatcher:
         rows_send = moe_ops.gather(x, row_of_pair, offsets, None, n_send)  # exactly the rows sent
         rows = comm.all_to_all_autograd(rows_send, recv_splits, send_splits, group)
         meta = comm.all_to_all_autograd(meta_all[:n_send], recv_splits, send_splits, group)
-        probs, local_indices = meta[:, :K].to(weights.dtype), meta[:, K:].long()
-        return Dispatched(rows, probs, local_indices, num_local_pairs, row_of_pair, offsets, send_splits,
-                          recv_splits)
+        everyone = torch.ones(rows.shape[0], dtype=torch.bool, device=x.device)
+        return Received(rows, everyone, meta[:, :K].to(weights.dtype), meta[:, K:].long(), num_local_pairs,
+                        comm.partial_dtype(x.dtype, self.reduce_dtype),
+                        _Sent(row_of_pair, offsets, send_splits, recv_splits, x.dtype))
 
-    def combine(self, partial_rows: Tensor, dispatched: Dispatched) -> Tensor:
-        """Bring each received token's partial output home and sum a token's per-rank partials (float32,
-        rank order); ``partial_rows [N, D]`` is in the order of ``dispatched.rows``.  Returns ``[T, D]``."""
-        group = self.ep_mesh.get_group()
-        home = comm.all_to_all_autograd(partial_rows, dispatched.send_splits, dispatched.recv_splits, group)
-        return moe_ops.combine(home, dispatched.row_of_pair, dispatched.offsets)
-
-    def run(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
-            b1: Optional[Tensor], b2: Optional[Tensor], act: Activation,
-            reduce_dtype: Optional[torch.dtype] = torch.float32) -> Tensor:
-        """The expert block over the EP group.  Each rank's partial rows travel home in
-        ``reduce_dtype`` (float32 by default, so a token's output is accumulated in float32 as on one
-        device; ``None``: in ``x.dtype``, half the combine bytes, as DeepEP sends them)."""
-        d = self.dispatch(x, token_mask, weights, indices)
-        partial = experts_on_received_tokens(d.rows, d.probs, d.local_indices, d.num_local_pairs, w1, w2, b1, b2,
-                                             act, comm.partial_dtype(x.dtype, reduce_dtype))
-        return self.combine(partial, d).to(x.dtype)
-
-
-def experts_on_received_tokens(rows: Tensor, probs: Tensor, local_indices: Tensor, num_local_pairs: int,
-                               w1: Tensor, w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor],
-                               act: Activation, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """The local experts on the received tokens ``rows [N, D]`` (their K weights ``probs`` and local
-    expert ids ``local_indices``, -1 elsewhere; ``num_local_pairs`` of them valid): ``[N, D]`` partial
-    outputs (each token's local pairs summed in float32, returned in ``out_dtype``, default the rows'
-    dtype).  Shared by the all-to-all transports (ours and DeepEP's).
-
-    The (token, local expert) pairs are gathered into expert order first — exactly the valid pairs,
-    so the grouped GEMMs run on no padding rows — then the experts run on them one pair per row."""
-    N, K = local_indices.shape
-    everyone = torch.ones(N, dtype=torch.bool, device=rows.device)
-    pair_of_row, row_of_pair, _, offsets = moe_ops.route(local_indices, everyone, 0, w1.shape[0])
-    P = num_local_pairs
-    x_pairs = moe_ops.gather(rows, row_of_pair, offsets, None, P)
-    pairs = pair_of_row[:P]
-    pair_probs = permuted_probs(probs, pairs).unsqueeze(1)
-    expert = local_indices.reshape(-1).index_select(0, pairs).unsqueeze(1)
-    out_pairs = run_local_experts(x_pairs, torch.ones(P, dtype=torch.bool, device=rows.device), pair_probs, expert,
-                                  w1, w2, b1, b2, act, out_dtype=out_dtype)
-    return moe_ops.combine(out_pairs, row_of_pair, offsets)
+    def combine(self, partial: Tensor, received: Received) -> Tensor:
+        """Bring each received row's partial output home and sum a token's per-rank partials (float32,
+        rank order) -> ``[T, D]`` in ``x.dtype``."""
+        sent = received.state
+        home = comm.all_to_all_autograd(partial, sent.send_splits, sent.recv_splits, self.ep_mesh.get_group())
+        return moe_ops.combine(home, sent.row_of_pair, sent.offsets).to(sent.x_dtype)
