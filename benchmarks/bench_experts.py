@@ -10,13 +10,16 @@ Paths (see benchmarks/baselines.py):
   torch_ref   argsort + index_select + torch._grouped_mm + eager activation + fp32 scatter_add (NeMo / torchtitan)
   gemm_only   the two torch._grouped_mm GEMMs + activation on pre-sorted rows, nothing else
   loop        Python loop over experts
+  nemo        NeMo AutoModel 0.7.0's own GroupedExperts, BackendConfig(experts="torch_mm"), on the same
+              weights (its state dict is ours), when nemo_automodel imports (pip install --no-deps)
   te          Transformer Engine GroupedLinear (benchmarks/bench_te.py), when it imports
 
 Inputs: bf16 x and expert weights (normal, std 0.02; biases random too, never zeros), routing
 weights float32 softmax over the K slots, token mask all True.  "fwd" is the training forward
 (autograd recording); "fwd_bwd" is forward plus torch.autograd.grad of a random output gradient
 with respect to x, the routing weights and every expert parameter.  TFLOP/s counts matmul FLOPs
-only (common.flops); memory is the peak allocated above the inputs during one forward+backward.
+only (common.flops); memory is the peak allocated above the inputs during one forward+backward, and
+the bytes the training forward saves for backward (common.saved_bytes: not the inputs or parameters).
 Then, for our path: a run under torch.cuda.set_sync_debug_mode("error") and a CUDA graph
 capture + replay of forward+backward.  The table is printed last; every number goes to
 $OUT/bench_experts.json (benchmarks/results/ without $OUT), rewritten after each case.
@@ -54,7 +57,7 @@ VARIANTS = [
     # The fused ops as their steps: torch._grouped_mm (CUTLASS) GEMMs, Triton gather/activation/combine.
     ("ours[cutlass+triton]", ",".join(f"{op}=torch" for op in _FUSED_OPS)),
 ]
-BASELINES = ["torch_ref", "gemm_only", "loop", "te"]
+BASELINES = ["torch_ref", "gemm_only", "loop", "nemo", "te"]
 GATE_REL_ERR = 2e-2  # bf16 operands: 1e-3..1e-2 expected (METHOD.md); above this the path is WRONG
 TINY_DENSE_N, DENSE_N = 256, 8192
 
@@ -208,6 +211,39 @@ def gemm_only_path(case: Case):
     return forward, fwd_bwd
 
 
+def nemo_path(case: Case):
+    """NeMo AutoModel's ``GroupedExperts`` with ``BackendConfig(experts="torch_mm")``, holding our weights."""
+    try:
+        from nemo_automodel.components.models.common.utils import BackendConfig
+        from nemo_automodel.components.moe.config import MoEConfig as NemoMoEConfig
+        from nemo_automodel.components.moe.experts import GroupedExperts as NemoGroupedExperts
+    except Exception as e:
+        raise NotAvailable(f"nemo_automodel not importable ({type(e).__name__}: {e})") from e
+    _needs_grouped_mm()
+    ours = case.module.config
+    config = NemoMoEConfig(
+        n_routed_experts=ours.n_routed_experts, n_shared_experts=0, n_activated_experts=ours.n_activated_experts,
+        n_expert_groups=1, n_limited_groups=1, train_gate=False, gate_bias_update_factor=0.0, aux_loss_coeff=0.0,
+        score_func="softmax", route_scale=1.0, dim=ours.dim, inter_dim=ours.moe_inter_dim,
+        moe_inter_dim=ours.moe_inter_dim, norm_topk_prob=False, expert_bias=ours.expert_bias,
+        expert_activation=ours.expert_activation, activation_alpha=ours.activation_alpha,
+        activation_limit=ours.activation_limit, dtype=torch.bfloat16)
+    with torch.device(case.device):
+        module = NemoGroupedExperts(config, backend=BackendConfig(experts="torch_mm", dispatcher="torch"))
+    module.load_state_dict(case.module.state_dict())
+    params = [p for p in (module.gate_and_up_projs, module.down_projs, module.gate_up_proj_bias,
+                          module.down_proj_bias) if p is not None]
+
+    def forward():
+        return module(case.x, case.token_mask, case.weights, case.indices)
+
+    def fwd_bwd():
+        y = forward()
+        return (y, *torch.autograd.grad(y, [case.x, case.weights, *params], case.grad_out))
+
+    return forward, fwd_bwd
+
+
 def _needs_grouped_mm():
     if not hasattr(torch, "_grouped_mm"):
         raise NotAvailable(f"torch {torch.__version__} has no torch._grouped_mm")
@@ -276,6 +312,8 @@ def measure(forward: Callable, fwd_bwd: Callable, case: Case, opts) -> dict:
     out["fwd"] = common.time_ms(forward, dev, **timing)
     out["fwd_bwd"] = common.time_ms(fwd_bwd, dev, **timing)
     out["peak_extra_bytes"] = common.peak_extra_bytes(fwd_bwd, dev)
+    out["saved_bytes"], saved = common.saved_bytes(forward, [case.x, case.weights, case.indices, case.token_mask])
+    out["saved_largest"] = [[n, list(shape), str(dtype)] for n, shape, dtype in saved[:4]]
     return out
 
 
@@ -321,7 +359,7 @@ def run_case(shape: common.Shape, routing: str, device, opts, dense_tflops, budg
     paths += [(name, (lambda s=spec: ours_path(case, s))) for name, spec in VARIANTS]
     if not opts.skip_baselines:
         paths += [("torch_ref", lambda: torch_ref_path(case)), ("gemm_only", lambda: gemm_only_path(case)),
-                  ("loop", lambda: loop_path(case))]
+                  ("loop", lambda: loop_path(case)), ("nemo", lambda: nemo_path(case))]
     if opts.paths:
         paths = [(n, b) for n, b in paths if n in opts.paths]
 
@@ -470,7 +508,7 @@ def table(report: dict) -> str:
         f"dense bf16 {report['dense']['n']}^3: {_fmt(dense, '.0f')} TFLOP/s at start, "
         f"{_fmt(report.get('dense_end', {}).get('tflops'), '.0f')} at end   "
         f"copy: {_fmt(report['copy'].get('gb_per_s'), '.0f')} GB/s (read+write)",
-        f"{'case':24s} {'path':18s} {'fwd ms':>8s} {'f+b ms':>8s} {'f+b TF/s':>8s} {'%dense':>6s} {'memGiB':>6s} "
+        f"{'case':24s} {'path':18s} {'fwd ms':>8s} {'f+b ms':>8s} {'f+b TF/s':>8s} {'%dense':>6s} {'memGiB':>6s} {'saved':>6s} "
         f"{'ref/x':>6s} {'gemm/x':>6s} {'err':>8s}  note",
     ]
     for case in report["cases"]:
@@ -492,6 +530,7 @@ def table(report: dict) -> str:
             lines.append(
                 f"{label:24s} {path:18s} {r['fwd']['median_ms']:8.3f} {fb:8.3f} {_fmt(r.get('fwd_bwd_tflops'), '8.0f')} "
                 f"{_fmt(r.get('fwd_bwd_pct_dense'), '6.0f')} {_gib(r.get('peak_extra_bytes')):>6s} "
+                f"{_gib(r.get('saved_bytes')):>6s} "
                 f"{_fmt(ref_ms / fb if ref_ms else None, '6.2f')} {_fmt(gemm_ms / fb if gemm_ms else None, '6.2f')} "
                 f"{err_s:>8s}  {note}")
         checks = case.get("checks", {})
@@ -504,7 +543,8 @@ def table(report: dict) -> str:
                          + ("" if sync.get("pass") and graph.get("pass") else
                             f"  [{(sync.get('detail') or sync.get('reason') or graph.get('detail') or graph.get('reason') or '')[:90]}]"))
     lines.append("ref/x, gemm/x: torch_ref (resp. gemm_only) fwd+bwd time over this path's (>1: this path is faster); "
-                 "err: max rel err vs torch_ref (y and grads); memGiB: peak extra during fwd+bwd")
+                 "err: max rel err vs torch_ref (y and grads); memGiB: peak extra during fwd+bwd; "
+                 "saved: GiB saved for backward (not inputs or parameters)")
     return "\n".join(lines)
 
 

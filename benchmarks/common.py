@@ -194,6 +194,30 @@ def peak_extra_bytes(fn: Callable, device) -> Optional[int]:
     return peak - base
 
 
+def saved_bytes(fn: Callable, held: list) -> tuple[int, list]:
+    """Bytes that ``fn()`` saves for backward (``torch.autograd.graph.saved_tensors_hooks``): distinct
+    storages (a tensor saved by two nodes is held once), leaving out those of ``held`` and of every
+    leaf that requires grad (inputs and parameters: the caller holds them anyway).  Also returns the
+    saved ``(bytes, shape, dtype)``, largest first."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    def key(t):
+        return t.untyped_storage().data_ptr()
+
+    excluded = {key(t) for t in held}
+    seen = {}
+
+    def pack(t):
+        if key(t) not in excluded and not (t.is_leaf and t.requires_grad):
+            seen[key(t)] = (t.untyped_storage().nbytes(), tuple(t.shape), t.dtype)
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(nbytes for nbytes, _, _ in seen.values()), sorted(seen.values(), reverse=True, key=lambda v: v[0])
+
+
 def free_memory() -> None:
     """Return cached CUDA blocks between cases (gc first: reference cycles may hold tensors)."""
     if torch.cuda.is_available():

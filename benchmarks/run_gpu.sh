@@ -24,6 +24,9 @@ set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# NeMo AutoModel (bench_experts' "nemo" baseline): its pure-Python wheel unpacked into .nemo/ (git-ignored;
+# `pip download --no-deps nemo-automodel==0.7.0` and unzip it there), carried to the GPU machine.
+[[ -d .nemo/nemo_automodel ]] && export PYTHONPATH="$PYTHONPATH:$PWD/.nemo"
 OUT=${OUT:-benchmarks/results/gpu_run}
 mkdir -p "$OUT"
 export OUT

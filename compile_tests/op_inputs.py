@@ -64,24 +64,25 @@ def op_samples(scenario: str, dtype: torch.dtype, seed: int = 0) -> Iterator[tup
             yield f"activation-{kind}{name}", ops.activation.default, (h, probs, *params)
             yield (f"activation_backward-{kind}{name}", ops.activation_backward.default,
                    (leaf(R, width), h, probs, *params))
-    # The fused steps (moe_ops/ops/fused.py): x [T, C] -> (a [R, width], h [R, up]) and a -> y [T, C].
+    # The fused steps (moe_ops/ops/fused.py): x [T, C] -> h [R, up] and h -> y [T, C].
     routed = (pair_of_row, row_of_pair, offsets)
+    for name, b1 in (("", leaf(E, 2 * C)), ("-no_bias", None)):
+        x, w1 = leaf(T, C), leaf(E, C, 2 * C)
+        yield f"expert_up{name}", ops.expert_up.default, (x, *routed, w1, b1)
+        yield f"expert_up_backward{name}", ops.expert_up_backward.default, (leaf(R, 2 * C), x, *routed, w1, b1)
     for kind in moe_ops.GATED:
         up = 2 * C if moe_ops.GATED[kind] else C
         width = up // 2 if moe_ops.GATED[kind] else up
         params = (kind, 1.702, 7.0, 1.0)
-        for name, b1, probs in (("", leaf(E, up), leaf(R, positive=True)), ("-no_bias_no_probs", None, None)):
-            x, w1 = leaf(T, C), leaf(E, C, up)
-            yield f"expert_up-{kind}{name}", ops.expert_up.default, (x, *routed, w1, b1, probs, *params)
-            h = (3 * leaf(R, up)).detach()  # the saved pre-activation: no gradient (non-differentiable output)
-            yield (f"expert_up_backward-{kind}{name}", ops.expert_up_backward.default,
-                   (leaf(R, width), x, h, *routed, w1, b1, probs, *params))
-    for name, b2, probs in (("", leaf(E, C), leaf(R, positive=True)), ("-no_probs", leaf(E, C), None),
-                            ("-no_bias", None, leaf(R, positive=True))):
-        a, w2 = leaf(R, C // 2), leaf(E, C // 2, C)
-        yield f"expert_down{name}", ops.expert_down.default, (a, w2, b2, probs, *routed, None)
-        yield f"expert_down{name}-float32_out", ops.expert_down.default, (a, w2, b2, probs, *routed, torch.float32)
-        yield f"expert_down_backward{name}", ops.expert_down_backward.default, (leaf(T, C), a, w2, b2, probs, *routed)
+        for name, b2, probs in (("", leaf(E, C), leaf(R, positive=True)), ("-no_probs", leaf(E, C), None),
+                                ("-no_bias", None, leaf(R, positive=True))):
+            # 3 * randn: some gate/up values pass quick_geglu's clamp at 7.
+            h, w2 = (3 * leaf(R, up)).detach().requires_grad_(), leaf(E, width, C)
+            yield f"expert_down-{kind}{name}", ops.expert_down.default, (h, w2, b2, probs, *routed, *params, None)
+            yield (f"expert_down-{kind}{name}-float32_out", ops.expert_down.default,
+                   (h, w2, b2, probs, *routed, *params, torch.float32))
+            yield (f"expert_down_backward-{kind}{name}", ops.expert_down_backward.default,
+                   (leaf(T, C), h, w2, b2, probs, *routed, *params))
     yield "clear_tail_", ops.clear_tail_.default, (leaf(R, C).detach(), offsets)  # in place: no autograd
     # Rows from several sources (expert parallelism's peer loads). No autograd formula of their own
     # (the EP transport's ops define it), so their inputs do not require grad.

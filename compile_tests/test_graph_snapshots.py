@@ -75,12 +75,9 @@ getitem_1: i64[u0, 2] = route[1]
 getitem_3: i32[4] = route[3]
 view: f32[2*u0] = aten.view.default(primals_6, [-1])
 gather: f32[2*u0] = aten.gather.default(view, 0, getitem)
-expert_up: (f32[2*u0, 8], f32[2*u0, 16]) = moe.expert_up.default(primals_2, getitem, getitem_1, getitem_3, primals_9, primals_11, gather, 'swiglu', 1.702, 7.0, 1.0)
-getitem_4: f32[2*u0, 8] = expert_up[0]
-getitem_5: f32[2*u0, 16] = expert_up[1]
-detach: f32[2*u0, 16] = aten.detach.default(getitem_5)
-expert_down: f32[u0, 16] = moe.expert_down.default(getitem_4, primals_10, primals_12, gather, getitem, getitem_1, getitem_3, f32)
-return [expert_down, primals_2, primals_9, primals_10, primals_11, primals_12, getitem, getitem_1, getitem_3, gather, getitem_4, detach, u0, u0, u0, 2*u0]""")
+expert_up: f32[2*u0, 16] = moe.expert_up.default(primals_2, getitem, getitem_1, getitem_3, primals_9, primals_11)
+expert_down: f32[u0, 16] = moe.expert_down.default(expert_up, primals_10, primals_12, gather, getitem, getitem_1, getitem_3, 'swiglu', 1.702, 7.0, 1.0, f32)
+return [expert_down, primals_2, primals_9, primals_10, primals_11, primals_12, getitem, getitem_1, getitem_3, gather, expert_up, u0, u0, u0, 2*u0]""")
 
     def test_backward_graph(self):
         self.assertExpectedInline(captured_graphs()["backward"], """\
@@ -93,22 +90,18 @@ getitem: i64[2*u0]
 getitem_1: i64[u0, 2]
 getitem_3: i32[4]
 gather: f32[2*u0]
-getitem_4: f32[2*u0, 8]
-detach: f32[2*u0, 16]
+expert_up: f32[2*u0, 16]
 tangents_1: f32[u0, 16]
-expert_down_backward: (f32[2*u0, 8], f32[4, 8, 16], f32[4, 16], f32[2*u0]) = moe.expert_down_backward.default(tangents_1, getitem_4, primals_10, primals_12, gather, getitem, getitem_1, getitem_3)
-getitem_6: f32[2*u0, 8] = expert_down_backward[0]
-getitem_7: f32[4, 8, 16] = expert_down_backward[1]
-getitem_8: f32[4, 16] = expert_down_backward[2]
-getitem_9: f32[2*u0] = expert_down_backward[3]
-detach_1: f32[2*u0, 16] = aten.detach.default(detach)
-expert_up_backward: (f32[u0, 16], f32[4, 16, 16], f32[4, 16], f32[2*u0]) = moe.expert_up_backward.default(getitem_6, primals_2, detach_1, getitem, getitem_1, getitem_3, primals_9, primals_11, gather, 'swiglu', 1.702, 7.0, 1.0)
-getitem_10: f32[u0, 16] = expert_up_backward[0]
-getitem_11: f32[4, 16, 16] = expert_up_backward[1]
-getitem_12: f32[4, 16] = expert_up_backward[2]
-getitem_13: f32[2*u0] = expert_up_backward[3]
-add_21: f32[2*u0] = aten.add.Tensor(getitem_9, getitem_13)
-new_zeros: f32[2*u0] = aten.new_zeros.default(add_21, [2*u0])
-scatter_add: f32[2*u0] = aten.scatter_add.default(new_zeros, 0, getitem, add_21)
+expert_down_backward: (f32[2*u0, 16], f32[4, 8, 16], f32[4, 16], f32[2*u0]) = moe.expert_down_backward.default(tangents_1, expert_up, primals_10, primals_12, gather, getitem, getitem_1, getitem_3, 'swiglu', 1.702, 7.0, 1.0)
+getitem_4: f32[2*u0, 16] = expert_down_backward[0]
+getitem_5: f32[4, 8, 16] = expert_down_backward[1]
+getitem_6: f32[4, 16] = expert_down_backward[2]
+getitem_7: f32[2*u0] = expert_down_backward[3]
+expert_up_backward: (f32[u0, 16], f32[4, 16, 16], f32[4, 16]) = moe.expert_up_backward.default(getitem_4, primals_2, getitem, getitem_1, getitem_3, primals_9, primals_11)
+getitem_8: f32[u0, 16] = expert_up_backward[0]
+getitem_9: f32[4, 16, 16] = expert_up_backward[1]
+getitem_10: f32[4, 16] = expert_up_backward[2]
+new_zeros: f32[2*u0] = aten.new_zeros.default(getitem_7, [2*u0])
+scatter_add: f32[2*u0] = aten.scatter_add.default(new_zeros, 0, getitem, getitem_7)
 view_1: f32[u0, 2] = aten.view.default(scatter_add, [u0, 2])
-return [None, getitem_10, None, None, None, view_1, None, None, getitem_11, getitem_7, getitem_12, getitem_8]""")
+return [None, getitem_8, None, None, None, view_1, None, None, getitem_9, getitem_5, getitem_10, getitem_6]""")

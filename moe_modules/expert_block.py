@@ -1,9 +1,10 @@
 """The expert block of the stacked-parameter modules: the local experts on what a dispatcher received.
 
-    route -> [gather -> grouped_mm(W1) [+ b1] -> activation * prob] -> [grouped_mm(W2) [+ prob * b2] -> combine]
+    route -> [gather -> grouped_mm(W1) [+ b1]] -> [activation * prob -> grouped_mm(W2) [+ prob * b2] -> combine]
 
 The brackets are the fused ops ``moe.expert_up`` and ``moe.expert_down``: the gather and combine
-happen inside their GEMMs (no permuted copies).  The routing probability enters inside the
+happen inside their GEMMs (no permuted copies), and only the pre-activation ``h`` between them is
+kept for the backward.  The routing probability enters inside the
 activation and scales the down bias, as NeMo AutoModel does; the combine is then an unweighted
 float32 sum.
 """
@@ -45,6 +46,6 @@ def run_experts(received: Received, w1: Tensor, w2: Tensor, b1: Optional[Tensor]
     x, token_mask, weights, indices, num_pairs, out_dtype, _ = received
     pair_of_row, row_of_pair, _, offsets = moe_ops.route(indices, token_mask, 0, w1.shape[0])
     probs = permuted_probs(weights, pair_of_row)
-    a, _ = moe_ops.expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, act.kind, act.alpha, act.limit,
-                             act.linear_offset, num_pairs)
-    return moe_ops.expert_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype)
+    h = moe_ops.expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, num_pairs)
+    return moe_ops.expert_down(h, w2, b2, probs, pair_of_row, row_of_pair, offsets, act.kind, act.alpha, act.limit,
+                               act.linear_offset, out_dtype)

@@ -49,18 +49,17 @@ def test_fused_kernels_match_reference_over_several_blocks(kind, bias):
     b1 = torch.randn(E, C, generator=g) if bias else None
     b2 = torch.randn(E, D, generator=g) if bias else None
     probs = weights.reshape(-1)[pair_of_row]
-    up = (x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, 1.702, 7.0, 1.0)
-    a, h = CPU["expert_up"](*up)
-    for got, want in zip((a, h), REF["expert_up"](*up)):
-        close(got, want, "expert_up")
-    assert (a[n:] == 0).all() and (h[n:] == 0).all()
-    down = (a, w2, b2, probs, pair_of_row, row_of_pair, offsets, None)
+    act = (kind, 1.702, 7.0, 1.0)
+    up = (x, pair_of_row, row_of_pair, offsets, w1, b1)
+    h = CPU["expert_up"](*up)
+    close(h, REF["expert_up"](*up), "expert_up")
+    assert (h[n:] == 0).all()
+    down = (h, w2, b2, probs, pair_of_row, row_of_pair, offsets, *act, None)
     close(CPU["expert_down"](*down), REF["expert_down"](*down), "expert_down")
     grad_y = torch.randn(T, D, generator=g)
-    grad_a = torch.randn_like(a)
-    for op, args in (("expert_down_backward", (grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, offsets)),
-                     ("expert_up_backward", (grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind,
-                                             1.702, 7.0, 1.0))):
+    grad_h = torch.randn_like(h)
+    for op, args in (("expert_down_backward", (grad_y, h, w2, b2, probs, pair_of_row, row_of_pair, offsets, *act)),
+                     ("expert_up_backward", (grad_h, x, pair_of_row, row_of_pair, offsets, w1, b1))):
         for name, got, want in zip(("grad_rows", "grad_w", "grad_b", "grad_probs"), CPU[op](*args), REF[op](*args)):
             close(got, want, f"{op}: {name}")
     gemm = (torch.randn(T * K, D, generator=g), w1, offsets)

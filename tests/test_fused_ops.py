@@ -42,27 +42,26 @@ class Block:
         self.probs = None if probs_shape == "none" else rand(T * K, positive=True)
         if probs_shape == "N1":
             self.probs = self.probs.detach().unsqueeze(1).requires_grad_(requires_grad)
-        self.a, self.h = rand(T * K, I), rand(T * K, C)
-        self.grad_a, self.grad_y = rand(T * K, I), rand(T, D)
+        self.h, self.grad_h, self.grad_y = rand(T * K, C), rand(T * K, C), rand(T, D)
 
     def act(self):
         return self.kind, 1.702, self.limit, 1.0
 
     def up_args(self):
         por, rop, offs = self.routing
-        return (self.x, por, rop, offs, self.w1, self.b1, self.probs, *self.act())
+        return (self.x, por, rop, offs, self.w1, self.b1)
 
-    def down_args(self):
+    def down_args(self, h=None):
         por, rop, offs = self.routing
-        return (self.a, self.w2, self.b2, self.probs, por, rop, offs, None)
+        return (self.h if h is None else h, self.w2, self.b2, self.probs, por, rop, offs, *self.act(), None)
 
     def up_backward_args(self):
         por, rop, offs = self.routing
-        return (self.grad_a, self.x, self.h, por, rop, offs, self.w1, self.b1, self.probs, *self.act())
+        return (self.grad_h, self.x, por, rop, offs, self.w1, self.b1)
 
     def down_backward_args(self):
         por, rop, offs = self.routing
-        return (self.grad_y, self.a, self.w2, self.b2, self.probs, por, rop, offs)
+        return (self.grad_y, self.h, self.w2, self.b2, self.probs, por, rop, offs, *self.act())
 
 
 def unfused(block: Block):
@@ -71,17 +70,16 @@ def unfused(block: Block):
     h = moe_ops.grouped_mm(moe_ops.gather(block.x, rop, offs), block.w1, offs)
     if block.b1 is not None:
         h = moe_ops.add_expert_bias(h, block.b1, offs)
-    a = moe_ops.activation(h, block.probs, *block.act())
-    out = moe_ops.grouped_mm(a, block.w2, offs)
+    out = moe_ops.grouped_mm(moe_ops.activation(h, block.probs, *block.act()), block.w2, offs)
     if block.b2 is not None:
         out = moe_ops.add_expert_bias(out, block.b2, offs, block.probs)
-    return a, h, moe_ops.combine(out, rop, offs)
+    return h, moe_ops.combine(out, rop, offs)
 
 
-def fused(block: Block):
+def fused(block: Block, num_rows=None):
     por, rop, offs = block.routing
-    a, h = moe_ops.expert_up(block.x, por, rop, offs, block.w1, block.b1, block.probs, *block.act())
-    return a, h, moe_ops.expert_down(a, block.w2, block.b2, block.probs, por, rop, offs)
+    h = moe_ops.expert_up(block.x, por, rop, offs, block.w1, block.b1, num_rows)
+    return h, moe_ops.expert_down(h, block.w2, block.b2, block.probs, por, rop, offs, *block.act())
 
 
 def leaves(block: Block):
@@ -96,9 +94,9 @@ def test_fused_equals_unfused(group_pattern, kind_limit, bias, probs_shape):
     want, got = unfused(block), fused(block)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
-    grad_y = torch.randn_like(want[2])
-    want_grads = torch.autograd.grad(want[2], leaves(block), grad_y)
-    got_grads = torch.autograd.grad(got[2], leaves(block), grad_y)
+    grad_y = torch.randn_like(want[1])
+    want_grads = torch.autograd.grad(want[1], leaves(block), grad_y)
+    got_grads = torch.autograd.grad(got[1], leaves(block), grad_y)
     for w, g in zip(want_grads, got_grads):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
@@ -110,10 +108,11 @@ def test_expert_down_float32_output(mixed_routing):
     y = torch.ops.moe.expert_down(*args)
     assert y.dtype == torch.float32
     por, rop, offs = block.routing
-    out = moe_ops.add_expert_bias(moe_ops.grouped_mm(block.a, block.w2, offs), block.b2, offs, block.probs)
+    a = moe_ops.activation(block.h, block.probs, *block.act())
+    out = moe_ops.add_expert_bias(moe_ops.grouped_mm(a, block.w2, offs), block.b2, offs, block.probs)
     torch.testing.assert_close(y, moe_ops.combine(out.float(), rop, offs))
-    y.sum().backward()  # the float32 gradient comes back in a.dtype
-    assert block.a.grad.dtype == torch.bfloat16
+    y.sum().backward()  # the float32 gradient comes back in h.dtype
+    assert block.h.grad.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("kind_limit", KINDS, ids=kind_id)
@@ -167,29 +166,21 @@ def valid_rows(block: Block) -> int:
     return int(block.routing[2][-1])
 
 
-def fused_first_rows(block: Block, num_rows: int):
-    por, rop, offs = block.routing
-    a, h = moe_ops.expert_up(block.x, por, rop, offs, block.w1, block.b1, block.probs, *block.act(),
-                             num_rows=num_rows)
-    return a, h, moe_ops.expert_down(a, block.w2, block.b2, block.probs, por, rop, offs)
-
-
 @pytest.mark.parametrize("kind_limit", KINDS[:1] + KINDS[-1:], ids=kind_id)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_num_rows_keeps_the_first_rows(mixed_routing, kind_limit, bias):
-    """``expert_up(num_rows=n)`` with n the valid pairs (what the expert-parallel receiver passes): ``a``
-    and ``h`` have n rows, equal to the first n of the full call; ``y`` and every gradient are equal."""
+    """``expert_up(num_rows=n)`` with n the valid pairs (what the expert-parallel receiver passes): ``h``
+    has n rows, equal to the first n of the full call; ``y`` and every gradient are equal."""
     block = Block(mixed_routing, *kind_limit, bias, dtype=torch.float32)
     n = valid_rows(block)
     assert 0 < n < block.x.shape[0] * block.routing[1].shape[1]  # masked pairs: fewer rows than T*K
-    full, cut = fused(block), fused_first_rows(block, n)
-    assert cut[0].shape[0] == cut[1].shape[0] == n
-    for w, g in zip(full[:2], cut[:2]):
-        torch.testing.assert_close(g, w[:n], atol=0, rtol=0)
-    torch.testing.assert_close(cut[2], full[2], atol=1e-6, rtol=1e-6)
-    grad_y = torch.randn_like(full[2])
-    for w, g in zip(torch.autograd.grad(full[2], leaves(block), grad_y),
-                    torch.autograd.grad(cut[2], leaves(block), grad_y)):
+    full, cut = fused(block), fused(block, n)
+    assert cut[0].shape[0] == n
+    torch.testing.assert_close(cut[0], full[0][:n], atol=0, rtol=0)
+    torch.testing.assert_close(cut[1], full[1], atol=1e-6, rtol=1e-6)
+    grad_y = torch.randn_like(full[1])
+    for w, g in zip(torch.autograd.grad(full[1], leaves(block), grad_y),
+                    torch.autograd.grad(cut[1], leaves(block), grad_y)):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
@@ -200,8 +191,7 @@ def test_num_rows_opcheck_and_gradcheck(mixed_routing):
     with torch.enable_grad():
         torch.library.opcheck(torch.ops.moe.expert_up.default, up, test_utils=OPCHECK_TESTS)
     check_gradients("expert_up", up, lambda out: out)
-    a = block.a.detach()[:n].requires_grad_()
-    check_gradients("expert_down", (a, *block.down_args()[1:]), lambda out: out)
+    check_gradients("expert_down", block.down_args(block.h.detach()[:n].requires_grad_()), lambda out: out)
     with pytest.raises(ValueError, match="num_rows"):
         torch.ops.moe.expert_up(*block.up_args(), block.x.shape[0] * 1000)
 
@@ -214,11 +204,13 @@ def test_bad_inputs_name_the_argument(mixed_routing):
     with pytest.raises(ValueError, match="pair_of_row"):
         torch.ops.moe.expert_up(args[0], args[1][:-1], *args[2:])
     with pytest.raises(ValueError, match="b1"):
-        torch.ops.moe.expert_up(*args[:5], block.b1[:, :-1], *args[6:])
-    with pytest.raises(ValueError, match="activation"):
-        torch.ops.moe.expert_up(*args[:7], "gelu", *args[8:])
+        torch.ops.moe.expert_up(*args[:5], block.b1[:, :-1])
     down = list(block.down_args())
+    with pytest.raises(ValueError, match="activation"):
+        torch.ops.moe.expert_down(*down[:7], "gelu", *down[8:])
     with pytest.raises(ValueError, match="w2"):
         torch.ops.moe.expert_down(down[0], block.w2[:, :-1], *down[2:])
+    with pytest.raises(ValueError, match="h"):
+        torch.ops.moe.expert_down(down[0][:, :-1], *down[1:])
     with pytest.raises(TypeError, match="out_dtype"):
         torch.ops.moe.expert_down(*down[:-1], torch.int32)

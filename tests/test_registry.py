@@ -258,13 +258,14 @@ def test_torch_backend_composes_kernels_not_ops():
     x, probs = torch.randn(T, D), torch.rand(T * K)
     w1, w2, b1, b2 = torch.randn(E, D, 2 * I), torch.randn(E, I, D), torch.randn(E, 2 * I), torch.randn(E, D)
     routing = (pair_of_row, row_of_pair, offsets)
-    up = (x, *routing, w1, b1, probs, "swiglu", 1.702, 7.0, 1.0)
-    a, h = registry.get_backend("reference").kernels["expert_up"](*up)
+    act = ("swiglu", 1.702, 7.0, 1.0)
+    up = (x, *routing, w1, b1)
+    h = registry.get_backend("reference").kernels["expert_up"](*up)
     calls = {
         "expert_up": up,
-        "expert_up_backward": (torch.randn_like(a), x, h, *routing, w1, b1, probs, "swiglu", 1.702, 7.0, 1.0),
-        "expert_down": (a, w2, b2, probs, *routing, None),
-        "expert_down_backward": (torch.randn(T, D), a, w2, b2, probs, *routing),
+        "expert_up_backward": (torch.randn_like(h), x, *routing, w1, b1),
+        "expert_down": (h, w2, b2, probs, *routing, *act, None),
+        "expert_down_backward": (torch.randn(T, D), h, w2, b2, probs, *routing, *act),
     }
     kernels = registry.get_backend("torch").kernels
     for op, args in calls.items():

@@ -68,10 +68,11 @@ def run_block(E, K, D, I, kind, bias, T, dtype):
     mask = torch.empty(T, device="meta", dtype=torch.bool)
     pair_of_row, row_of_pair, _, offsets = ops.route(indices, mask, 0, E)
     limit = 7.0 if kind == "quick_geglu" else None
-    a, h = ops.expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, 1.702, limit, 1.0)
-    ops.expert_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, None)
-    ops.expert_down_backward(x, a, w2, b2, probs, pair_of_row, row_of_pair, offsets)
-    ops.expert_up_backward(a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, 1.702, limit, 1.0)
+    act = (kind, 1.702, limit, 1.0)
+    h = ops.expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1)
+    ops.expert_down(h, w2, b2, probs, pair_of_row, row_of_pair, offsets, *act, None)
+    grad_h, _, _, _ = ops.expert_down_backward(x, h, w2, b2, probs, pair_of_row, row_of_pair, offsets, *act)
+    ops.expert_up_backward(grad_h, x, pair_of_row, row_of_pair, offsets, w1, b1)
     # the unfused ops (the functional API and the all-to-all path use them)
     rows = torch.empty(M, D, **meta)
     ops.gather(x, row_of_pair, offsets, torch.empty(T, K, **meta))
@@ -81,7 +82,7 @@ def run_block(E, K, D, I, kind, bias, T, dtype):
     ops.grouped_mm_wgrad(rows, h, offsets)
     ops.add_expert_bias(h, torch.empty(E, C, **meta), offsets, probs)
     ops.expert_bias_backward(h, torch.empty(E, C, **meta), offsets, probs)
-    ops.activation(h, probs, kind, 1.702, limit, 1.0)
+    a = ops.activation(h, probs, kind, 1.702, limit, 1.0)
     ops.activation_backward(a, h, probs, kind, 1.702, limit, 1.0)
 
 

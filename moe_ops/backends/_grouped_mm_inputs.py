@@ -14,8 +14,8 @@ from moe_ops.registry import Inputs
 # The operands of the GEMMs each op runs: the names of its (rows operand, weight) arguments.
 _OPERANDS = {
     "grouped_mm": ("a", "b"), "grouped_mm_wgrad": ("a", "grad"),
-    "expert_up": ("x", "w1"), "expert_up_backward": ("x", "w1"), "expert_down": ("a", "w2"),
-    "expert_down_backward": ("a", "w2"),
+    "expert_up": ("x", "w1"), "expert_up_backward": ("x", "w1"), "expert_down": ("h", "w2"),
+    "expert_down_backward": ("h", "w2"),
 }
 
 

@@ -25,7 +25,6 @@ from torch import Tensor
 
 from moe_ops import registry
 from moe_ops.backends import _grouped_mm_inputs
-from moe_ops.ops.activation import GATED
 from moe_ops.registry import Backend
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -111,8 +110,7 @@ def grouped_mm_wgrad(a, grad, offsets):
     return _wgrad(a, grad, _plan(offsets, a.shape[0])[1])  # empty groups come back as zeros
 
 
-def expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset,
-              num_rows=None):
+def expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, num_rows=None):
     M, K = pair_of_row.shape[0] if num_rows is None else num_rows, row_of_pair.shape[1]
     n, _, blocks = _plan(offsets, M)
 
@@ -120,68 +118,68 @@ def expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, 
         h = _mm(x.index_select(0, _tokens(pair_of_row, blk, K)), w1[blk.groups], blk.ends)
         if b1 is not None:
             h = registry.call("add_expert_bias", h, b1[blk.groups], blk.ends, None)
-        return registry.call("activation", h, _rows(probs, blk), kind, alpha, limit, linear_offset), h
+        return (h,)
 
-    C = w1.shape[2]
-    return _assemble(blocks, M, up, (C // 2 if GATED[kind] else C, C), x)
+    h, = _assemble(blocks, M, up, (w1.shape[2],), x)
+    return h
 
 
-def expert_up_backward(grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit,
-                       linear_offset):
-    M, K = h.shape[0], row_of_pair.shape[1]
+def expert_up_backward(grad_h, x, pair_of_row, row_of_pair, offsets, w1, b1):
+    M, K = grad_h.shape[0], row_of_pair.shape[1]
     n, _, blocks = _plan(offsets, M)
     acc = _acc(x.dtype)
     grad_x = torch.zeros(x.shape, dtype=acc)
     grad_w1 = torch.empty_like(w1)  # the blocks cover every group (an empty one's wgrad is zeros)
     grad_b1 = x.new_empty(0) if b1 is None else torch.empty_like(b1)
-    grad_probs = x.new_empty(0, dtype=torch.float32) if probs is None else torch.zeros_like(probs)
     for blk in blocks:
-        tokens = _tokens(pair_of_row, blk, K)
-        gh, gp = registry.call("activation_backward", _rows(grad_a, blk), _rows(h, blk), _rows(probs, blk), kind,
-                               alpha, limit, linear_offset)
+        tokens, gh = _tokens(pair_of_row, blk, K), _rows(grad_h, blk)
         # One float32 sum per token, rows added in row order: deterministic.
         grad_x.index_add_(0, tokens, _mm(gh, w1[blk.groups].transpose(1, 2), blk.ends).to(acc))
         grad_w1[blk.groups] = _wgrad(x.index_select(0, tokens), gh, blk.ends)
         if b1 is not None:
             grad_b1[blk.groups] = registry.call("expert_bias_backward", gh, b1[blk.groups], blk.ends, None)[0]
-        if probs is not None:
-            grad_probs[blk.start:blk.end] = gp
-    return grad_x.to(x.dtype), grad_w1, grad_b1, grad_probs
+    return grad_x.to(x.dtype), grad_w1, grad_b1
 
 
-def expert_down(a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype):
-    M, K = a.shape[0], row_of_pair.shape[1]
+def expert_down(h, w2, b2, probs, pair_of_row, row_of_pair, offsets, kind, alpha, limit, linear_offset, out_dtype):
+    M, K = h.shape[0], row_of_pair.shape[1]
     n, _, blocks = _plan(offsets, M)
-    y = torch.zeros(row_of_pair.shape[0], w2.shape[2], dtype=_acc(a.dtype))
+    y = torch.zeros(row_of_pair.shape[0], w2.shape[2], dtype=_acc(h.dtype))
     for blk in blocks:
-        out = _mm(_rows(a, blk), w2[blk.groups], blk.ends)
+        p = _rows(probs, blk)
+        a = registry.call("activation", _rows(h, blk), p, kind, alpha, limit, linear_offset)
+        out = _mm(a, w2[blk.groups], blk.ends)
         if b2 is not None:
-            out = registry.call("add_expert_bias", out, b2[blk.groups], blk.ends, _rows(probs, blk))
+            out = registry.call("add_expert_bias", out, b2[blk.groups], blk.ends, p)
         y.index_add_(0, _tokens(pair_of_row, blk, K), out.to(y.dtype))
-    return y.to(out_dtype or a.dtype)
+    return y.to(out_dtype or h.dtype)
 
 
-def expert_down_backward(grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, offsets):
-    M, K = a.shape[0], row_of_pair.shape[1]
+def expert_down_backward(grad_y, h, w2, b2, probs, pair_of_row, row_of_pair, offsets, kind, alpha, limit,
+                         linear_offset):
+    M, K = h.shape[0], row_of_pair.shape[1]
     n, _, blocks = _plan(offsets, M)
-    grad_y = grad_y.to(a.dtype)  # the rows were in a.dtype before the float32 sum: their gradient is too
+    grad_y = grad_y.to(h.dtype)  # the rows were in h.dtype before the float32 sum: their gradient is too
     grad_w2 = torch.empty_like(w2)  # the blocks cover every group (an empty one's wgrad is zeros)
-    grad_b2 = a.new_empty(0) if b2 is None else torch.empty_like(b2)
-    with_probs = b2 is not None and probs is not None
-    grad_probs = torch.zeros_like(probs) if with_probs else a.new_empty(0, dtype=torch.float32)
+    grad_b2 = h.new_empty(0) if b2 is None else torch.empty_like(b2)
+    grad_probs = h.new_empty(0, dtype=torch.float32) if probs is None else torch.zeros_like(probs)
 
     def down_grads(blk):
-        g = grad_y.index_select(0, _tokens(pair_of_row, blk, K))
-        grad_w2[blk.groups] = _wgrad(_rows(a, blk), g, blk.ends)
+        g, hb, p = grad_y.index_select(0, _tokens(pair_of_row, blk, K)), _rows(h, blk), _rows(probs, blk)
+        a = registry.call("activation", hb, p, kind, alpha, limit, linear_offset)  # rebuilt, not kept
+        grad_w2[blk.groups] = _wgrad(a, g, blk.ends)
+        gh, gp = registry.call("activation_backward", _mm(g, w2[blk.groups].transpose(1, 2), blk.ends), hb, p,
+                               kind, alpha, limit, linear_offset)
         if b2 is not None:
-            gb, gp = registry.call("expert_bias_backward", g, b2[blk.groups], blk.ends, _rows(probs, blk))
+            gb, gp_bias = registry.call("expert_bias_backward", g, b2[blk.groups], blk.ends, p)
             grad_b2[blk.groups] = gb
-            if with_probs:
-                grad_probs[blk.start:blk.end] = gp
-        return (_mm(g, w2[blk.groups].transpose(1, 2), blk.ends),)
+            gp = gp if probs is None else gp + gp_bias.reshape(gp.shape)
+        if probs is not None:
+            grad_probs[blk.start:blk.end] = gp
+        return (gh,)
 
-    grad_a, = _assemble(blocks, M, down_grads, (a.shape[1],), a)
-    return grad_a, grad_w2, grad_b2, grad_probs
+    grad_h, = _assemble(blocks, M, down_grads, (h.shape[1],), h)
+    return grad_h, grad_w2, grad_b2, grad_probs
 
 
 def _input_reasons(op: str, inputs: Optional[registry.Inputs]) -> list[str]:

@@ -72,7 +72,7 @@ class _Steps:
 
 
 # The expert-sorted rows (T*K) each fused forward op handles: the name of an argument with that many rows.
-_ROWS = {"expert_up": "pair_of_row", "expert_down": "a"}
+_ROWS = {"expert_up": "pair_of_row", "expert_down": "h"}
 # Below this many rows the fused Triton forward kernels (one GEMM launch with the gather, bias, activation
 # and probability inside) beat this backend's composition of CUTLASS GEMMs and Triton steps, in GPU time
 # and in host time: measured on H200 at Qwen3 and GPT-OSS shapes (BENCHMARKS.md, "Host path").  The

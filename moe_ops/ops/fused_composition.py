@@ -12,7 +12,7 @@ whose output feeds the activation and its backward), or returns rows that nothin
 combine and the weight gradients skip them (``grouped_mm_any_tail``).  A backend may use that to
 skip zeroing; for the reference both are ``grouped_mm``.
 
-``num_rows`` (``expert_up``; the others read it from their ``a`` / ``h``): only the first rows of the
+``num_rows`` (``expert_up``; the others read it from their ``h`` / ``grad_h``): only the first rows of the
 expert-sorted order exist (the expert-parallel receiver runs exactly its valid pairs); the groups are
 cut at it (:func:`first_rows`) and the probability gradients of the dropped rows are zero.
 """
@@ -39,50 +39,54 @@ def _probs(probs, rows: int):
     return None if probs is None else probs[:rows]
 
 
-def expert_up(k, x, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit, linear_offset,
-              num_rows=None):
+def expert_up(k, x, pair_of_row, row_of_pair, offsets, w1, b1, num_rows=None):
     M = pair_of_row.shape[0] if num_rows is None else num_rows
     _, offsets = first_rows(M, pair_of_row, offsets)
     h = k.grouped_mm(k.gather(x, row_of_pair, offsets, None, M), w1, offsets)
-    if b1 is not None:
-        h = k.add_expert_bias(h, b1, offsets, None)
-    return k.activation(h, _probs(probs, M), kind, alpha, limit, linear_offset), h
+    return h if b1 is None else k.add_expert_bias(h, b1, offsets, None)
 
 
-def expert_up_backward(k, grad_a, x, h, pair_of_row, row_of_pair, offsets, w1, b1, probs, kind, alpha, limit,
-                       linear_offset):
-    M = h.shape[0]
+def expert_up_backward(k, grad_h, x, pair_of_row, row_of_pair, offsets, w1, b1):
+    M = grad_h.shape[0]
     _, offsets = first_rows(M, pair_of_row, offsets)
-    grad_h, grad_probs = k.activation_backward(grad_a, h, _probs(probs, M), kind, alpha, limit, linear_offset)
     grad_x = k.combine(k.grouped_mm_any_tail(grad_h, w1.transpose(1, 2), offsets), row_of_pair, offsets, None)
     grad_w1 = k.grouped_mm_wgrad(k.gather(x, row_of_pair, offsets, None, M), grad_h, offsets)
     grad_b1 = x.new_empty(0) if b1 is None else k.expert_bias_backward(grad_h, b1, offsets, None)[0]
-    if probs is not None:
-        grad_probs = padded_rows(grad_probs, probs.shape[0])
-    return grad_x, grad_w1, grad_b1, grad_probs
+    return grad_x, grad_w1, grad_b1
 
 
-def expert_down(k, a, w2, b2, probs, pair_of_row, row_of_pair, offsets, out_dtype):
-    M = a.shape[0]
+def expert_down(k, h, w2, b2, probs, pair_of_row, row_of_pair, offsets, kind, alpha, limit, linear_offset,
+                out_dtype):
+    M = h.shape[0]
     _, offsets = first_rows(M, pair_of_row, offsets)
-    out = k.grouped_mm_any_tail(a, w2, offsets)
+    probs = _probs(probs, M)
+    out = k.grouped_mm_any_tail(k.activation(h, probs, kind, alpha, limit, linear_offset), w2, offsets)
     if b2 is not None:
-        out = k.add_expert_bias(out, b2, offsets, _probs(probs, M))
+        out = k.add_expert_bias(out, b2, offsets, probs)
     return k.combine(out.to(out_dtype or out.dtype), row_of_pair, offsets, None)
 
 
-def expert_down_backward(k, grad_y, a, w2, b2, probs, pair_of_row, row_of_pair, offsets):
-    M = a.shape[0]
+def expert_down_backward(k, grad_y, h, w2, b2, probs, pair_of_row, row_of_pair, offsets, kind, alpha, limit,
+                         linear_offset):
+    """``grad_a = G @ w2^T`` with ``G = gather(grad_y)``; ``a`` is rebuilt from ``h`` for ``grad_w2`` and
+    dropped; ``grad_h`` and the probabilities' gradient come from the activation's backward (plus the
+    bias term's).  Transients are released as soon as they are used."""
+    M = h.shape[0]
     _, offsets = first_rows(M, pair_of_row, offsets)
-    grad_out = k.gather(grad_y.to(a.dtype), row_of_pair, offsets, None, M)  # the rows were in a.dtype
-    grad_a = k.grouped_mm(grad_out, w2.transpose(1, 2), offsets)
-    grad_w2 = k.grouped_mm_wgrad(a, grad_out, offsets)
-    if b2 is None:
-        return grad_a, grad_w2, a.new_empty(0), a.new_empty(0, dtype=torch.float32)
-    grad_b2, grad_probs = k.expert_bias_backward(grad_out, b2, offsets, _probs(probs, M))
-    if probs is not None:
-        grad_probs = padded_rows(grad_probs, probs.shape[0])
-    return grad_a, grad_w2, grad_b2, grad_probs
+    p = _probs(probs, M)
+    G = k.gather(grad_y.to(h.dtype), row_of_pair, offsets, None, M)  # the rows were in h.dtype
+    grad_a = k.grouped_mm(G, w2.transpose(1, 2), offsets)
+    grad_w2 = k.grouped_mm_wgrad(k.activation(h, p, kind, alpha, limit, linear_offset), G, offsets)
+    grad_b2, bias_grad_probs = h.new_empty(0), None
+    if b2 is not None:
+        grad_b2, bias_grad_probs = k.expert_bias_backward(G, b2, offsets, p)
+    del G
+    grad_h, grad_probs = k.activation_backward(grad_a, h, p, kind, alpha, limit, linear_offset)
+    if probs is None:
+        return grad_h, grad_w2, grad_b2, h.new_empty(0, dtype=torch.float32)
+    if bias_grad_probs is not None:
+        grad_probs = grad_probs + bias_grad_probs.reshape(grad_probs.shape)
+    return grad_h, grad_w2, grad_b2, padded_rows(grad_probs, probs.shape[0])
 
 
 FUSED_OPS = ("expert_up", "expert_up_backward", "expert_down", "expert_down_backward")

@@ -1,5 +1,5 @@
 """Activation math and the gate/up column layout, shared by the activation kernels and the
-GEMM epilogue (one definition of each formula).
+GEMM prologue (one definition of each formula).
 
 ``h`` columns of output column block ``n0 .. n0+BN-1`` (of ``a``, width I) are held as
 one or two tiles, the same way in memory loads, GEMM accumulators and stores:
@@ -103,3 +103,14 @@ def act_backward(gate, up, d_out, alpha, limit, linear_offset, KIND: tl.constexp
         r = tl.maximum(gate, 0.0, propagate_nan=NAN_ALL)
         d = d_out * 2.0 * r
         return r * r, d, d
+
+
+@triton.jit
+def load_h(h_rows, row_ok, n0, I, KIND: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BC0: tl.constexpr):
+    """gate, up ``[BR, BC]`` (float32) of the h columns of output columns ``n0 ..`` (rows ``h_rows``, unit column stride)."""
+    cols0, mask0, cols1, mask1 = h_columns(n0, I, KIND, BC, BC0)
+    tile0 = tl.load(h_rows + cols0[None, :], mask=row_ok[:, None] & mask0[None, :], other=0.0).to(tl.float32)
+    tile1 = tile0
+    if KIND == SWIGLU:
+        tile1 = tl.load(h_rows + cols1[None, :], mask=row_ok[:, None] & mask1[None, :], other=0.0).to(tl.float32)
+    return gate_up(tile0, tile1, KIND, BR, BC)

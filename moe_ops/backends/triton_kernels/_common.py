@@ -176,11 +176,10 @@ def _override(family: str):
     return None
 
 
-def gemm_blocks(rows: int, groups: int, n: int, dtype: torch.dtype, gated: bool) -> Blocks:
+def gemm_blocks(rows: int, groups: int, n: int, dtype: torch.dtype) -> Blocks:
     """Tiles of the grouped GEMM (Hopper, from the candidates BM 64/128, BN 128/256, BK 64, warps 4/8, stages 3/4).
 
-    ``n`` is the width of one output tile family (I for a gated activation: the kernel then
-    holds gate and up, 2*BN columns).  Small groups take BM 64 so fewer rows are wasted.
+    ``n`` is the output width.  Small groups take BM 64 so fewer rows are wasted.
     """
     if INTERPRET:
         return TINY
@@ -191,8 +190,6 @@ def gemm_blocks(rows: int, groups: int, n: int, dtype: torch.dtype, gated: bool)
         return Blocks(64, 128, 32, 8, 3)
     small_groups = rows < 128 * max(groups, 1)
     bm = 64 if small_groups else 128
-    if gated:
-        return Blocks(bm, 128, 64, 8, 3)
     if n >= 2048 and not small_groups:
         return Blocks(128, 256, 64, 8, 3)
     return Blocks(bm, 128, 64, 8 if bm == 128 else 4, 4)

@@ -16,19 +16,9 @@ from torch import Tensor
 
 from moe_ops.backends.triton_kernels import _common as C
 from moe_ops.backends.triton_kernels._act import (
-    act_backward, act_forward, gate_up, h_columns, h_tiles, tile0_width,
+    act_backward, act_forward, h_columns, h_tiles, load_h, tile0_width,
 )
 from moe_ops.backends.triton_kernels._common import SWIGLU
-
-
-@triton.jit
-def _load_h(h_rows, row_ok, n0, I, KIND: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BC0: tl.constexpr):
-    cols0, mask0, cols1, mask1 = h_columns(n0, I, KIND, BC, BC0)
-    tile0 = tl.load(h_rows + cols0[None, :], mask=row_ok[:, None] & mask0[None, :], other=0.0).to(tl.float32)
-    tile1 = tile0
-    if KIND == SWIGLU:
-        tile1 = tl.load(h_rows + cols1[None, :], mask=row_ok[:, None] & mask1[None, :], other=0.0).to(tl.float32)
-    return gate_up(tile0, tile1, KIND, BR, BC)
 
 
 @triton.jit
@@ -42,7 +32,7 @@ def _activation_kernel(
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
     n0 = tl.program_id(1) * BC
-    gate, up = _load_h(h_ptr + rows64[:, None] * stride_h, row_ok, n0, I, KIND, BR, BC, BC0)
+    gate, up = load_h(h_ptr + rows64[:, None] * stride_h, row_ok, n0, I, KIND, BR, BC, BC0)
     out = act_forward(gate, up, alpha, limit, linear_offset, KIND, HAS_LIMIT)
     if HAS_PROBS:
         out = out * tl.load(probs_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)[:, None]
@@ -68,7 +58,7 @@ def _activation_backward_kernel(
         p = tl.load(probs_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
     grad_p = tl.zeros((BR,), dtype=tl.float32)
     for n0 in range(0, I, BC):
-        gate, up = _load_h(h_rows, row_ok, n0, I, KIND, BR, BC, BC0)
+        gate, up = load_h(h_rows, row_ok, n0, I, KIND, BR, BC, BC0)
         cols = n0 + tl.arange(0, BC)
         g = tl.load(grad_ptr + rows64[:, None] * stride_grad + cols[None, :],
                     mask=row_ok[:, None] & (cols < I)[None, :], other=0.0).to(tl.float32)

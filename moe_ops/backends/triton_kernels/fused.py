@@ -1,14 +1,16 @@
 """The fused expert block: ``expert_up`` / ``expert_down`` and their backward ops.
 
-Forward, per layer, three launches and no permuted copy of ``x``:
+Forward, per layer, three launches and no permuted copy of ``x``, no stored ``a``:
 
 * ``expert_up``: one grouped GEMM whose A-load reads token rows of ``x`` in place and whose
-  epilogue adds ``b1``, applies the activation and the probability; stores ``a`` and ``h``.
-* ``expert_down``: one grouped GEMM with ``p * b2`` in the epilogue, then the deterministic
+  epilogue adds ``b1``; stores ``h``.
+* ``expert_down``: one grouped GEMM whose A-load applies the activation and the probability to
+  ``h`` (``a`` exists only in registers), with ``p * b2`` in the epilogue, then the deterministic
   float32 gather-reduce ``combine``.
 
 Backward: ``grad_y`` is never permuted either — the dgrad GEMM, the ``w2`` wgrad and the
-down-bias reductions read its token rows in place; likewise ``x`` in the ``w1`` wgrad.
+down-bias reductions read its token rows in place; likewise ``x`` in the ``w1`` wgrad.  ``a`` is
+rebuilt from ``h`` (one activation pass) for the ``w2`` wgrad.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor
 
 from moe_ops.backends.triton_kernels import _common as C
-from moe_ops.backends.triton_kernels.activation import activation_grads
+from moe_ops.backends.triton_kernels.activation import activation_forward, activation_grads
 from moe_ops.backends.triton_kernels.bias import bias_grads
 from moe_ops.backends.triton_kernels.grouped_gemm import grouped_gemm
 from moe_ops.backends.triton_kernels.permute import combine_rows
@@ -34,64 +36,63 @@ def _flat(probs: Optional[Tensor], rows: int) -> Optional[Tensor]:
 @C.kernel_body("expert_up")
 def expert_up(
     x: Tensor, pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor, w1: Tensor, b1: Optional[Tensor],
-    probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float], linear_offset: float,
     num_rows: Optional[int] = None,
-) -> tuple[Tensor, Tensor]:
+) -> Tensor:
     M = pair_of_row.shape[0] if num_rows is None else num_rows
     pair_of_row, offsets = first_rows(M, pair_of_row, offsets)
-    a, h = grouped_gemm(
-        x, w1, offsets, pair_of_row=pair_of_row.contiguous(), bias=None if b1 is None else b1.contiguous(),
-        probs=_flat(probs, M), act=kind, alpha=alpha, limit=limit, linear_offset=linear_offset,
-        topk=row_of_pair.shape[1],
-    )
-    return a, h
+    return grouped_gemm(x, w1, offsets, pair_of_row=pair_of_row.contiguous(),
+                        bias=None if b1 is None else b1.contiguous(), topk=row_of_pair.shape[1])
 
 
 @C.kernel_body("expert_down")
 def expert_down(
-    a: Tensor, w2: Tensor, b2: Optional[Tensor], probs: Optional[Tensor], pair_of_row: Tensor, row_of_pair: Tensor,
-    offsets: Tensor, out_dtype: Optional[torch.dtype],
+    h: Tensor, w2: Tensor, b2: Optional[Tensor], probs: Optional[Tensor], pair_of_row: Tensor, row_of_pair: Tensor,
+    offsets: Tensor, kind: str, alpha: float, limit: Optional[float], linear_offset: float,
+    out_dtype: Optional[torch.dtype],
 ) -> Tensor:
-    M = a.shape[0]
+    M = h.shape[0]
     _, offsets = first_rows(M, pair_of_row, offsets)
     # The D-wide rows cannot be summed per token inside the GEMM without atomics (a token's K
-    # rows sit in K different experts' tiles), so they go through memory once, in x.dtype.
-    out, _ = grouped_gemm(a, w2, offsets, bias=None if b2 is None else b2.contiguous(), probs=_flat(probs, M))
+    # rows sit in K different experts' tiles), so they go through memory once, in h.dtype.
+    out = grouped_gemm(h, w2, offsets, bias=None if b2 is None else b2.contiguous(), probs=_flat(probs, M),
+                       act=kind, alpha=alpha, limit=limit, linear_offset=linear_offset)
     return combine_rows(out, row_of_pair, offsets, None, out_dtype)
 
 
 @C.kernel_body("expert_down_backward")
 def expert_down_backward(
-    grad_y: Tensor, a: Tensor, w2: Tensor, b2: Optional[Tensor], probs: Optional[Tensor], pair_of_row: Tensor,
-    row_of_pair: Tensor, offsets: Tensor,
+    grad_y: Tensor, h: Tensor, w2: Tensor, b2: Optional[Tensor], probs: Optional[Tensor], pair_of_row: Tensor,
+    row_of_pair: Tensor, offsets: Tensor, kind: str, alpha: float, limit: Optional[float], linear_offset: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    M, K = a.shape[0], row_of_pair.shape[1]
+    M, K = h.shape[0], row_of_pair.shape[1]
     pair_of_row, offsets = first_rows(M, pair_of_row, offsets)
-    grad_y = grad_y.to(a.dtype).contiguous()  # the GEMMs multiply it with w2 / a
+    grad_y = grad_y.to(h.dtype).contiguous()  # the GEMMs multiply it with w2 / a
     pair_of_row = pair_of_row.contiguous()
-    grad_a, _ = grouped_gemm(grad_y, w2.transpose(1, 2), offsets, pair_of_row=pair_of_row, topk=K)
+    p = _flat(probs, M)
+    grad_a = grouped_gemm(grad_y, w2.transpose(1, 2), offsets, pair_of_row=pair_of_row, topk=K)
+    a = activation_forward(h, p, kind, alpha, limit, linear_offset)  # rebuilt from h, dropped after the wgrad
     grad_w2 = grouped_wgrad(a, grad_y, offsets, pair_of_row=pair_of_row, gather_b=True, topk=K)
-    if b2 is None:
-        return grad_a, grad_w2, a.new_empty(0), a.new_empty(0, dtype=torch.float32)
-    grad_b2, grad_probs = bias_grads(grad_y, b2, offsets, _flat(probs, M), pair_of_row, topk=K)
-    if probs is not None:
-        grad_probs = padded_rows(grad_probs, probs.numel()).reshape(probs.shape)
-    return grad_a, grad_w2, grad_b2, grad_probs
+    del a
+    grad_h, grad_probs = activation_grads(grad_a, h, p, kind, alpha, limit, linear_offset)
+    grad_b2 = h.new_empty(0)
+    if b2 is not None:
+        grad_b2, bias_grad_probs = bias_grads(grad_y, b2, offsets, p, pair_of_row, topk=K)
+        if probs is not None:
+            grad_probs = grad_probs + bias_grad_probs.reshape(grad_probs.shape)
+    if probs is None:
+        return grad_h, grad_w2, grad_b2, h.new_empty(0, dtype=torch.float32)
+    return grad_h, grad_w2, grad_b2, padded_rows(grad_probs.reshape(-1), probs.numel()).reshape(probs.shape)
 
 
 @C.kernel_body("expert_up_backward")
 def expert_up_backward(
-    grad_a: Tensor, x: Tensor, h: Tensor, pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor, w1: Tensor,
-    b1: Optional[Tensor], probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float],
-    linear_offset: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    M, K = h.shape[0], row_of_pair.shape[1]
+    grad_h: Tensor, x: Tensor, pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor, w1: Tensor,
+    b1: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    M, K = grad_h.shape[0], row_of_pair.shape[1]
     pair_of_row, offsets = first_rows(M, pair_of_row, offsets)
-    grad_h, grad_probs = activation_grads(grad_a, h, _flat(probs, M), kind, alpha, limit, linear_offset)
-    if probs is not None:
-        grad_probs = padded_rows(grad_probs, probs.numel()).reshape(probs.shape)
-    grad_rows, _ = grouped_gemm(grad_h, w1.transpose(1, 2), offsets)
+    grad_rows = grouped_gemm(grad_h, w1.transpose(1, 2), offsets)
     grad_x = combine_rows(grad_rows, row_of_pair, offsets, None)
     grad_w1 = grouped_wgrad(x, grad_h, offsets, pair_of_row=pair_of_row.contiguous(), gather_a=True, topk=K)
     grad_b1 = x.new_empty(0) if b1 is None else bias_grads(grad_h, b1, offsets, None)[0]
-    return grad_x, grad_w1, grad_b1, grad_probs
+    return grad_x, grad_w1, grad_b1

@@ -1,11 +1,12 @@
-"""Grouped GEMM ``out[r] = A[src(r)] @ B[g(r)]`` over expert-sorted rows, with fused prologue/epilogue.
+"""Grouped GEMM ``out[r] = A(r) @ B[g(r)]`` over expert-sorted rows, with a fused prologue and epilogue.
 
 One kernel serves every forward-shaped GEMM of the expert block:
 
 * ``moe::grouped_mm`` (plain; also its dgrad, with ``B`` transposed by strides — no copy);
 * ``moe::expert_up``: A rows gathered from ``x`` in token order (``src(r) = pair_of_row[r] // K``),
-  epilogue ``h = acc + b1``, ``a = act(h) * p`` — stores ``a`` and ``h``;
-* ``moe::expert_down``: epilogue ``acc + p * b2``;
+  epilogue ``h = acc + b1``;
+* ``moe::expert_down``: prologue ``A = act(h) * p``, computed as each A tile is loaded (``a`` is
+  never stored), epilogue ``acc + p * b2``;
 * ``moe::expert_down_backward``'s dgrad: A rows gathered from ``grad_y``.
 
 Static grid: ``(cdiv(M, BM) + G + 1)`` row slots x ``cdiv(N, BN)`` column tiles; each slot
@@ -23,8 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from moe_ops.backends.triton_kernels import _common as C
-from moe_ops.backends.triton_kernels._act import act_forward, gate_up, h_columns, tile0_width
-from moe_ops.backends.triton_kernels._common import NO_ACT, SWIGLU
+from moe_ops.backends.triton_kernels._act import act_forward, load_h, tile0_width
+from moe_ops.backends.triton_kernels._common import NO_ACT
 
 
 @triton.jit
@@ -33,15 +34,15 @@ def _grouped_gemm_kernel(
     pair_of_row_ptr, topk,
     b_ptr, stride_bg, stride_bk, stride_bn,
     bias_ptr, stride_bias_g, probs_ptr,
-    out_ptr, stride_om, h_ptr, stride_hm,
+    out_ptr, stride_om,
     offsets_ptr, G, M, N, KD,
     alpha, limit, linear_offset,
     GATHER_A: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_TIMES_PROBS: tl.constexpr,
     ACT: tl.constexpr, ACT_TIMES_PROBS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BN0: tl.constexpr, G_PAD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BK0: tl.constexpr, G_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # N: width of `out` (I when ACT is gated: h then has 2N columns).
+    # KD: the inner size (I when ACT is set: A is then act(h), h having 2*KD columns when gated).
     pid = tl.program_id(0)
     n_col_tiles = tl.cdiv(N, BN)
     slot = pid // n_col_tiles
@@ -51,60 +52,45 @@ def _grouped_gemm_kernel(
         return
     in_group = group < G  # False for the tail tile: no product, no bias, zeros out
     rows = row_start + tl.arange(0, BM)
+    rows64 = rows.to(tl.int64)
     row_ok = rows < row_end
     src, src_ok = C.source_rows(rows, row_ok, pair_of_row_ptr, topk, n_a_rows, GATHER_A)
     a_rows = a_ptr + src[:, None] * stride_am
     b_group = b_ptr + group.to(tl.int64) * stride_bg
-    cols0, mask0, cols1, mask1 = h_columns(n0, N, ACT, BN, BN0)
+    cols = n0 + tl.arange(0, BN)
+    col_ok = cols < N
+    p = tl.zeros((BM,), dtype=tl.float32)
+    if BIAS_TIMES_PROBS or ACT_TIMES_PROBS:
+        p = tl.load(probs_ptr + rows64, mask=row_ok & in_group, other=0.0).to(tl.float32)
 
-    acc0 = tl.zeros((BM, BN0), dtype=tl.float32)
-    acc1 = tl.zeros((BM, BN), dtype=tl.float32)  # swiglu's up half; unused otherwise
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_tiles = tl.where(in_group, tl.cdiv(KD, BK), 0)
     for kt in range(0, k_tiles):
         ks = kt * BK + tl.arange(0, BK)
         k_ok = ks < KD
-        a = tl.load(a_rows + ks[None, :] * stride_ak, mask=src_ok[:, None] & k_ok[None, :], other=0.0)
-        b_k = b_group + ks[:, None].to(tl.int64) * stride_bk
-        b0 = tl.load(b_k + cols0[None, :] * stride_bn, mask=k_ok[:, None] & mask0[None, :], other=0.0)
-        acc0 = C.mma(a, b0, acc0, PRECISION)
-        if ACT == SWIGLU:
-            b1 = tl.load(b_k + cols1[None, :] * stride_bn, mask=k_ok[:, None] & mask1[None, :], other=0.0)
-            acc1 = C.mma(a, b1, acc1, PRECISION)
-
-    # ---- epilogue: bias, activation, probability; zeros for the tail tile ----
-    rows64 = rows.to(tl.int64)
-    p = tl.zeros((BM,), dtype=tl.float32)
-    if BIAS_TIMES_PROBS or ACT_TIMES_PROBS:
-        p = tl.load(probs_ptr + rows64, mask=row_ok & in_group, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias_row = bias_ptr + group.to(tl.int64) * stride_bias_g
-        bias0 = tl.load(bias_row + cols0, mask=mask0 & in_group, other=0.0).to(tl.float32)
-        if BIAS_TIMES_PROBS:
-            acc0 += p[:, None] * bias0[None, :]
+        if ACT == NO_ACT:
+            a = tl.load(a_rows + ks[None, :] * stride_ak, mask=src_ok[:, None] & k_ok[None, :], other=0.0)
         else:
-            acc0 += bias0[None, :]
-        if ACT == SWIGLU:
-            acc1 += tl.load(bias_row + cols1, mask=mask1 & in_group, other=0.0).to(tl.float32)[None, :]
+            # The activation's op rounds act(h) * p to h's dtype: so does this prologue (same values).
+            gate, up = load_h(a_rows, src_ok, kt * BK, KD, ACT, BM, BK, BK0)
+            act = act_forward(gate, up, alpha, limit, linear_offset, ACT, HAS_LIMIT)
+            if ACT_TIMES_PROBS:
+                act = act * p[:, None]
+            a = act.to(a_ptr.dtype.element_ty)
+        b = tl.load(b_group + ks[:, None].to(tl.int64) * stride_bk + cols[None, :] * stride_bn,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = C.mma(a, b, acc, PRECISION)
 
-    if ACT == NO_ACT:
-        out_ptrs = out_ptr + rows64[:, None] * stride_om + cols0[None, :]
-        tl.store(out_ptrs, acc0.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & mask0[None, :])
-    else:
-        # h is stored rounded, and the activation reads the rounded h: forward and backward
-        # (which reloads h) then see the same values.
-        h_rows = h_ptr + rows64[:, None] * stride_hm
-        h0 = acc0.to(h_ptr.dtype.element_ty)
-        tl.store(h_rows + cols0[None, :], h0, mask=row_ok[:, None] & mask0[None, :])
-        h1 = acc1.to(h_ptr.dtype.element_ty)
-        if ACT == SWIGLU:
-            tl.store(h_rows + cols1[None, :], h1, mask=row_ok[:, None] & mask1[None, :])
-        gate, up = gate_up(h0.to(tl.float32), h1.to(tl.float32), ACT, BM, BN)
-        out = act_forward(gate, up, alpha, limit, linear_offset, ACT, HAS_LIMIT)
-        if ACT_TIMES_PROBS:
-            out = out * p[:, None]
-        out_cols = n0 + tl.arange(0, BN)
-        out_ptrs = out_ptr + rows64[:, None] * stride_om + out_cols[None, :]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (out_cols < N)[None, :])
+    # ---- epilogue: bias (times the probability); zeros for the tail tile ----
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + group.to(tl.int64) * stride_bias_g + cols, mask=col_ok & in_group,
+                       other=0.0).to(tl.float32)
+        if BIAS_TIMES_PROBS:
+            acc += p[:, None] * bias[None, :]
+        else:
+            acc += bias[None, :]
+    tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 def grouped_gemm(
@@ -120,25 +106,22 @@ def grouped_gemm(
     limit: Optional[float] = None,
     linear_offset: float = 1.0,
     topk: Optional[int] = None,
-) -> tuple[Tensor, Optional[Tensor]]:
-    """``out [M, N]`` (and ``h [M, C]`` with ``act``) for ``b [G, KD, C]`` (any strides).
+) -> Tensor:
+    """``out [M, N]`` for ``b [G, KD, N]`` (any strides).
 
     ``pair_of_row`` given: A row of output row r is ``a[pair_of_row[r] // K]`` with
     ``K = topk`` (default ``M // a.shape[0]``), M = ``pair_of_row.numel()``; else A is ``a [M, KD]``.
-    ``probs`` scales the bias (no ``act``) or the activation (with ``act``).
-    Rows past ``offsets[-1]`` are zeros.
+    ``act`` given: ``a`` is ``h`` (``[M, 2*KD]`` gated, ``[M, KD]`` relu2) and A is ``act(h) * probs``.
+    ``probs`` also scales the bias.  Rows past ``offsets[-1]`` are zeros.
     """
     a = a if a.stride(-1) == 1 else a.contiguous()
-    G, KD, C_width = b.shape
+    G, KD, N = b.shape
     gather = pair_of_row is not None
     M = pair_of_row.shape[0] if gather else a.shape[0]
     topk = topk or (M // a.shape[0] if gather and a.shape[0] > 0 else 1)
     kind = C.ACT_KIND[act]
-    N = C_width // 2 if act in ("swiglu", "quick_geglu") else C_width
     out = a.new_empty(M, N)
-    h = a.new_empty(M, C_width) if act is not None else None
-    blocks = C.gemm_blocks(M, G, N, a.dtype, gated=N != C_width)
-    bn0 = tile0_width(kind, blocks.n)
+    blocks = C.gemm_blocks(M, G, N, a.dtype)
     grid = (C.row_slots(M, G, blocks.m) * triton.cdiv(N, blocks.n),)
     C.launch(
         _grouped_gemm_kernel, grid,
@@ -147,20 +130,20 @@ def grouped_gemm(
         b, b.stride(0), b.stride(1), b.stride(2),
         bias if bias is not None else b, bias.stride(0) if bias is not None else 0,
         probs if probs is not None else b,
-        out, out.stride(0), h if h is not None else out, h.stride(0) if h is not None else 0,
+        out, out.stride(0),
         offsets, G, M, N, KD,
         float(alpha), float(limit) if limit is not None else 0.0, float(linear_offset),
-        GATHER_A=gather, HAS_BIAS=bias is not None, BIAS_TIMES_PROBS=bias is not None and probs is not None and act is None,
+        GATHER_A=gather, HAS_BIAS=bias is not None, BIAS_TIMES_PROBS=bias is not None and probs is not None,
         ACT=kind, ACT_TIMES_PROBS=act is not None and probs is not None, HAS_LIMIT=limit is not None,
-        BM=blocks.m, BN=blocks.n, BK=blocks.k, BN0=bn0, G_PAD=C.g_pad(G), PRECISION=C.dot_precision(a.dtype),
-        **blocks.meta(),
+        BM=blocks.m, BN=blocks.n, BK=blocks.k, BK0=tile0_width(kind, blocks.k), G_PAD=C.g_pad(G),
+        PRECISION=C.dot_precision(a.dtype), **blocks.meta(),
     )
-    return out, h
+    return out
 
 
 @C.kernel_body("grouped_mm")
 def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
-    return grouped_gemm(a, b, offsets)[0]
+    return grouped_gemm(a, b, offsets)
 
 
 @triton.jit
