@@ -197,7 +197,7 @@ def peak_extra_bytes(fn: Callable, device) -> Optional[int]:
 def saved_bytes(fn: Callable, held: list) -> tuple[int, list]:
     """Bytes that ``fn()`` saves for backward (``torch.autograd.graph.saved_tensors_hooks``): distinct
     storages (a tensor saved by two nodes is held once), leaving out those of ``held`` and of every
-    leaf that requires grad (inputs and parameters: the caller holds them anyway).  Also returns the
+    leaf that requires grad, or view of one (inputs and parameters: the caller holds them anyway).  Also returns the
     saved ``(bytes, shape, dtype)``, largest first."""
     from torch.autograd.graph import saved_tensors_hooks
 
@@ -208,7 +208,8 @@ def saved_bytes(fn: Callable, held: list) -> tuple[int, list]:
     seen = {}
 
     def pack(t):
-        if key(t) not in excluded and not (t.is_leaf and t.requires_grad):
+        base = t if t._base is None else t._base  # a view of a parameter is the parameter's storage
+        if key(t) not in excluded and not (base.is_leaf and base.requires_grad):
             seen[key(t)] = (t.untyped_storage().nbytes(), tuple(t.shape), t.dtype)
         return t
 

@@ -1,4 +1,5 @@
-"""Chart of a bench_experts.py run: TFLOP/s per case and path, the card's dense bf16 rate as a line.
+"""Chart of a bench_experts.py run: TFLOP/s per case and path (the card's dense bf16 rate as a line), and
+memory: the peak extra during forward+backward, with the part saved for backward hatched.
 
     python benchmarks/plot.py [path/to/bench_experts.json] [--out benchmarks/results/bench_experts.png]
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MODES = (("fwd_bwd", "forward + backward"), ("fwd", "forward"))
+GIB = 2**30
 
 
 def rate(result: dict, mode: str):
@@ -21,6 +23,13 @@ def rate(result: dict, mode: str):
     if not result or result.get("status") != "ok":
         return None
     return result.get(f"{mode}_tflops")
+
+
+def gib(result: dict, key: str):
+    """``result[key]`` in GiB, or None when the path did not run or has no such figure."""
+    if not result or result.get("status") != "ok" or result.get(key) is None:
+        return None
+    return result[key] / GIB
 
 
 def plot(report: dict, out: Path) -> Path:
@@ -33,7 +42,7 @@ def plot(report: dict, out: Path) -> Path:
     labels = [f"{c['shape']}\n{c['routing']}" for c in cases]
     paths = [p for p in report["paths"] if any(rate(c["results"].get(p), "fwd_bwd") for c in cases)]
     dense = report.get("dense", {}).get("tflops")
-    fig, axes = plt.subplots(len(MODES), 1, figsize=(max(8, 1.5 * len(cases) + 3), 9), sharex=True)
+    fig, axes = plt.subplots(len(MODES) + 1, 1, figsize=(max(8, 1.5 * len(cases) + 3), 13), sharex=True)
     width = 0.8 / max(len(paths), 1)
     for ax, (mode, title) in zip(axes, MODES):
         for i, path in enumerate(paths):
@@ -50,6 +59,18 @@ def plot(report: dict, out: Path) -> Path:
         ax.set_ylabel("TFLOP/s (matmul FLOPs)")
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
+    memory = axes[-1]
+    for i, path in enumerate(paths):
+        xs = [j + (i - (len(paths) - 1) / 2) * width for j in range(len(cases))]
+        peak = [gib(c["results"].get(path), "peak_extra_bytes") for c in cases]
+        saved = [gib(c["results"].get(path), "saved_bytes") for c in cases]
+        memory.bar([x for x, v in zip(xs, peak) if v is not None], [v for v in peak if v is not None], width,
+                   label=path, color=f"C{i}")
+        memory.bar([x for x, v in zip(xs, saved) if v is not None], [v for v in saved if v is not None], width,
+                   fill=False, hatch="///", edgecolor="black", linewidth=0)
+    memory.set_ylabel("GiB")
+    memory.set_title("peak extra memory during forward + backward (hatched: saved for backward)")
+    memory.grid(axis="y", alpha=0.3)
     axes[-1].set_xticks(range(len(cases)))
     axes[-1].set_xticklabels(labels, fontsize=8)
     axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

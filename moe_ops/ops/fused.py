@@ -17,8 +17,8 @@ What is kept for the backward (SonicMoE's choice): only ``h`` (pre-activation, b
 ``grad_a = gather(grad_y) @ w2^T``, so ``expert_up``'s backward needs neither ``h`` nor ``a``.
 Store vs recompute, per layer at Qwen3-30B-A3B (M = 131072 rows, D = 2048, C = 1536, bf16):
 storing ``h`` costs ``2*M*C`` = 403 MB; recomputing it would cost GEMM1 again (0.82 TFLOP, a third
-of the forward's FLOPs), so ``h`` is stored; ``a`` (201 MB, 2x less work to rebuild than to keep
-for relu2's equal widths) costs one elementwise pass over ``h`` in the backward.
+of the forward's FLOPs), so ``h`` is stored; ``a`` (201 MB) is not: rebuilding it costs one
+elementwise pass over ``h`` in the backward.
 
 ``expert_up(num_rows=M)`` (a device-side row count, as ``gather`` takes) keeps only the first M of
 the T*K expert-sorted rows: ``h`` has M rows, the groups end at ``min(offsets, M)``, and
