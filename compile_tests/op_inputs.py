@@ -64,6 +64,8 @@ def op_samples(scenario: str, dtype: torch.dtype, seed: int = 0) -> Iterator[tup
             yield f"activation-{kind}{name}", ops.activation.default, (h, probs, *params)
             yield (f"activation_backward-{kind}{name}", ops.activation_backward.default,
                    (leaf(R, width), h, probs, *params))
+            yield (f"activation_backward_with_output-{kind}{name}", ops.activation_backward_with_output.default,
+                   (leaf(R, width), h, probs, *params))
     # The fused steps (moe_ops/ops/fused.py): x [T, C] -> h [R, up] and h -> y [T, C].
     routed = (pair_of_row, row_of_pair, offsets)
     for name, b1 in (("", leaf(E, 2 * C)), ("-no_bias", None)):

@@ -9,7 +9,9 @@ from moe_ops.ops.routing import route
 from moe_ops.ops.permute import gather, combine, pair_dot
 from moe_ops.ops.grouped_mm import clear_tail_, grouped_mm, grouped_mm_wgrad
 from moe_ops.ops.bias import add_expert_bias, expert_bias_backward
-from moe_ops.ops.activation import GATED, activation, activation_backward, check_activation
+from moe_ops.ops.activation import (
+    GATED, activation, activation_backward, activation_backward_with_output, check_activation,
+)
 from moe_ops.ops.fused import expert_down, expert_down_backward, expert_up, expert_up_backward
 from moe_ops.ops.peer import MAX_SOURCES, gather_from, put_to, sum_from
 from moe_ops.ops.exchange import peer_combine, peer_dispatch
@@ -32,6 +34,7 @@ __all__ = [
     "expert_bias_backward",
     "activation",
     "activation_backward",
+    "activation_backward_with_output",
     "expert_up",
     "expert_up_backward",
     "expert_down",

@@ -331,6 +331,8 @@ def test_activation(kind, limit, with_probs, dtype):
     assert_close(*triton_and_reference("activation", h, probs, *params), dtype, "forward")
     grad = randn(rows, I, dtype=dtype)
     assert_close(*triton_and_reference("activation_backward", grad, h, probs, *params), dtype, "backward")
+    assert_close(*triton_and_reference("activation_backward_with_output", grad, h, probs, *params), dtype,
+                 "backward with the output")
 
 
 # ---- the fused expert block ---------------------------------------------------------------------

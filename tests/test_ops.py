@@ -54,6 +54,17 @@ def test_activation_ops_match_reference(activation_variant, rows, dtypes, contig
         check_against_reference(op, getattr(make, op)(rows, **activation_variant))
 
 
+@pytest.mark.parametrize("rows", [1, 7])
+def test_activation_backward_with_output_is_both_ops(activation_variant, rows, dtypes, contiguous, op_args):
+    """One pass over h, the same values as activation_backward and activation called apart."""
+    args = op_args(None, *dtypes, contiguous=contiguous).activation_backward(rows, **activation_variant)
+    grad_h, grad_probs, out = torch.ops.moe.activation_backward_with_output(*args)
+    want_h, want_probs = torch.ops.moe.activation_backward(*args)
+    torch.testing.assert_close(grad_h, want_h, atol=0, rtol=0)
+    torch.testing.assert_close(grad_probs, want_probs, atol=0, rtol=0)
+    torch.testing.assert_close(out, torch.ops.moe.activation(*args[1:]), atol=0, rtol=0)
+
+
 def test_quick_geglu_clamps_and_limit_none_does_not(op_args):
     """The test inputs do reach past the limit, and ``limit=None`` changes the result there."""
     h, probs, kind, alpha, _, offset = op_args(None, torch.float64, torch.float64).activation(64, "quick_geglu")

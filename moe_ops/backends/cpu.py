@@ -166,10 +166,9 @@ def expert_down_backward(grad_y, h, w2, b2, probs, pair_of_row, row_of_pair, off
 
     def down_grads(blk):
         g, hb, p = grad_y.index_select(0, _tokens(pair_of_row, blk, K)), _rows(h, blk), _rows(probs, blk)
-        a = registry.call("activation", hb, p, kind, alpha, limit, linear_offset)  # rebuilt, not kept
+        gh, gp, a = registry.call("activation_backward_with_output", _mm(g, w2[blk.groups].transpose(1, 2), blk.ends),
+                                  hb, p, kind, alpha, limit, linear_offset)  # a: rebuilt for the wgrad, not kept
         grad_w2[blk.groups] = _wgrad(a, g, blk.ends)
-        gh, gp = registry.call("activation_backward", _mm(g, w2[blk.groups].transpose(1, 2), blk.ends), hb, p,
-                               kind, alpha, limit, linear_offset)
         if b2 is not None:
             gb, gp_bias = registry.call("expert_bias_backward", g, b2[blk.groups], blk.ends, p)
             grad_b2[blk.groups] = gb

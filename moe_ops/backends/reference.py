@@ -198,6 +198,11 @@ def activation_backward(grad, h, probs, kind, alpha, limit, linear_offset):
     return grad_h.to(h.dtype).contiguous(), grad_probs
 
 
+def activation_backward_with_output(grad, h, probs, kind, alpha, limit, linear_offset):
+    return (*activation_backward(grad, h, probs, kind, alpha, limit, linear_offset),
+            activation(h, probs, kind, alpha, limit, linear_offset))
+
+
 def _rows_or_zeros(src, idx, valid):
     """``src[idx]`` where ``valid`` and ``idx`` is a row of ``src``, zero rows elsewhere."""
     idx = idx.long()
@@ -247,6 +252,7 @@ KERNELS = {
     "expert_bias_backward": expert_bias_backward,
     "activation": activation,
     "activation_backward": activation_backward,
+    "activation_backward_with_output": activation_backward_with_output,
     "clear_tail_": clear_tail_,
     "gather_from": gather_from,
     "sum_from": sum_from,

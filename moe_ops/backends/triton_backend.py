@@ -30,7 +30,7 @@ MAX_EXPERTS = 1022
 
 OPS = (
     "route", "gather", "combine", "pair_dot", "grouped_mm", "grouped_mm_wgrad", "add_expert_bias",
-    "expert_bias_backward", "activation", "activation_backward",
+    "expert_bias_backward", "activation", "activation_backward", "activation_backward_with_output",
     "expert_up", "expert_up_backward", "expert_down", "expert_down_backward", "gather_from", "sum_from",
     "put_to", "clear_tail_",
 )

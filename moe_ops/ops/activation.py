@@ -24,6 +24,7 @@ from torch import Tensor
 from moe_ops import _checks
 from moe_ops._library import define
 from moe_ops.ops import activation_second_order
+from moe_ops.ops.composition_vjp import save_inputs, vjp_of_composition
 
 # name -> whether the first GEMM carries gate and up (width 2I) or up alone (width I)
 GATED = {"swiglu": True, "quick_geglu": True, "relu2": False}
@@ -87,6 +88,30 @@ _activation_backward = define(
     setup_context=activation_second_order.setup_double_backward)
 
 
+
+def _with_output_fake(grad, h, probs, kind, alpha, limit, linear_offset):
+    return (*_backward_fake(grad, h, probs, kind, alpha, limit, linear_offset), _fake(h, probs, kind, alpha, limit,
+                                                                                     linear_offset))
+
+
+def _with_output_composition(k, grad, h, probs, kind, alpha, limit, linear_offset):
+    """What ``activation_backward_with_output`` is, exactly (its autograd differentiates this)."""
+    return (*k.activation_backward(grad, h, probs, kind, alpha, limit, linear_offset),
+            k.activation(h, probs, kind, alpha, limit, linear_offset))
+
+
+def _with_output_backward(ctx, *cotangents):
+    return vjp_of_composition(_with_output_composition, ctx, cotangents)
+
+
+# activation_backward and activation in one pass over h (the backward of expert_down needs both).
+_activation_backward_with_output = define(
+    "activation_backward_with_output(Tensor grad, Tensor h, Tensor? probs, str kind, float alpha, float? limit,"
+    " float linear_offset) -> (Tensor, Tensor, Tensor)",
+    validate=_validate_backward, fake=_with_output_fake, backward=_with_output_backward,
+    setup_context=save_inputs)
+
+
 def activation(
     h: Tensor,
     probs: Optional[Tensor] = None,
@@ -110,3 +135,11 @@ def activation_backward(
 ) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`activation`: ``grad_h`` (like ``h``) and ``grad_probs`` (like ``probs``; empty when None)."""
     return _activation_backward(grad, h, probs, kind, alpha, limit, linear_offset)
+
+
+def activation_backward_with_output(grad: Tensor, h: Tensor, probs: Optional[Tensor], kind: str, alpha: float = 1.702,
+                                    limit: Optional[float] = 7.0, linear_offset: float = 1.0
+                                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`activation_backward`'s ``(grad_h, grad_probs)`` and :func:`activation`'s output ``act(h) * probs``,
+    from one read of ``h``."""
+    return _activation_backward_with_output(grad, h, probs, kind, alpha, limit, linear_offset)

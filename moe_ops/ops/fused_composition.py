@@ -4,7 +4,8 @@ One definition, two users: the ``reference`` backend passes its own kernels as t
 oracle of the fused kernels), the ``torch`` backend passes ``torch.ops.moe.*`` with its own
 ``torch._grouped_mm`` GEMMs (each other step then runs on the best backend for it).  ``k`` is any
 object with the attributes gather, combine, grouped_mm, grouped_mm_any_tail, grouped_mm_wgrad,
-add_expert_bias, expert_bias_backward, activation and activation_backward, with the ops' signatures.
+add_expert_bias, expert_bias_backward, activation, activation_backward and activation_backward_with_output,
+with the ops' signatures.
 
 Rows past ``offsets[-1]`` (pairs that are masked, not routed or not local): every GEMM below
 either gets such rows as zeros from ``gather`` and must return them as zeros (``grouped_mm``,
@@ -68,20 +69,22 @@ def expert_down(k, h, w2, b2, probs, pair_of_row, row_of_pair, offsets, kind, al
 
 def expert_down_backward(k, grad_y, h, w2, b2, probs, pair_of_row, row_of_pair, offsets, kind, alpha, limit,
                          linear_offset):
-    """``grad_a = G @ w2^T`` with ``G = gather(grad_y)``; ``a`` is rebuilt from ``h`` for ``grad_w2`` and
-    dropped; ``grad_h`` and the probabilities' gradient come from the activation's backward (plus the
-    bias term's).  Transients are released as soon as they are used."""
+    """``grad_a = G @ w2^T`` with ``G = gather(grad_y)``; the activation's backward on ``grad_a`` gives
+    ``grad_h`` and the probabilities' gradient (plus the bias term's) and, from the same read of ``h``,
+    ``a`` again for ``grad_w2`` (then dropped).  Transients are released as soon as they are used."""
     M = h.shape[0]
     _, offsets = first_rows(M, pair_of_row, offsets)
     p = _probs(probs, M)
     G = k.gather(grad_y.to(h.dtype), row_of_pair, offsets, None, M)  # the rows were in h.dtype
-    grad_a = k.grouped_mm(G, w2.transpose(1, 2), offsets)
-    grad_w2 = k.grouped_mm_wgrad(k.activation(h, p, kind, alpha, limit, linear_offset), G, offsets)
+    # One pass over h gives the activation's gradients and a itself (for the W2 gradient).
+    grad_h, grad_probs, a = k.activation_backward_with_output(k.grouped_mm(G, w2.transpose(1, 2), offsets), h, p,
+                                                              kind, alpha, limit, linear_offset)
+    grad_w2 = k.grouped_mm_wgrad(a, G, offsets)
+    del a
     grad_b2, bias_grad_probs = h.new_empty(0), None
     if b2 is not None:
         grad_b2, bias_grad_probs = k.expert_bias_backward(G, b2, offsets, p)
     del G
-    grad_h, grad_probs = k.activation_backward(grad_a, h, p, kind, alpha, limit, linear_offset)
     if probs is None:
         return grad_h, grad_w2, grad_b2, h.new_empty(0, dtype=torch.float32)
     if bias_grad_probs is not None:

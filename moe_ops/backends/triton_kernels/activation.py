@@ -43,9 +43,9 @@ def _activation_kernel(
 
 @triton.jit
 def _activation_backward_kernel(
-    grad_ptr, stride_grad, h_ptr, stride_h, probs_ptr, grad_h_ptr, stride_gh, grad_probs_ptr, M, I,
-    alpha, limit, linear_offset,
-    KIND: tl.constexpr, HAS_PROBS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+    grad_ptr, stride_grad, h_ptr, stride_h, probs_ptr, grad_h_ptr, stride_gh, grad_probs_ptr, out_ptr, stride_out,
+    M, I, alpha, limit, linear_offset,
+    KIND: tl.constexpr, HAS_PROBS: tl.constexpr, HAS_LIMIT: tl.constexpr, STORE_OUT: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, BC0: tl.constexpr,
 ):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -64,6 +64,9 @@ def _activation_backward_kernel(
                     mask=row_ok[:, None] & (cols < I)[None, :], other=0.0).to(tl.float32)
         out, d_gate, d_up = act_backward(gate, up, g * p[:, None], alpha, limit, linear_offset, KIND, HAS_LIMIT)
         grad_p += tl.sum(g * out, 1)
+        if STORE_OUT:  # the forward's output act(h) * p, from the same read of h
+            tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
+                     (out * p[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < I)[None, :])
         tile0, tile1 = h_tiles(d_gate, d_up, KIND, BR, BC)
         cols0, mask0, cols1, mask1 = h_columns(n0, I, KIND, BC, BC0)
         tl.store(gh_rows + cols0[None, :], tile0.to(grad_h_ptr.dtype.element_ty), mask=row_ok[:, None] & mask0[None, :])
@@ -99,22 +102,24 @@ def activation_forward(h, probs, kind, alpha, limit, linear_offset) -> Tensor:
     return out
 
 
-def activation_grads(grad, h, probs, kind, alpha, limit, linear_offset) -> tuple[Tensor, Tensor]:
-    """``grad_h`` (like ``h``) and ``grad_probs`` (like ``probs``; empty float32 when None)."""
+def activation_grads(grad, h, probs, kind, alpha, limit, linear_offset, with_output=False) -> tuple:
+    """``grad_h`` (like ``h``) and ``grad_probs`` (like ``probs``; empty float32 when None); with
+    ``with_output``, also the forward's ``act(h) * probs``."""
     h = h if h.stride(-1) == 1 else h.contiguous()
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
     M, I = h.shape[0], _out_width(h, kind)
     grad_h = torch.empty_like(h, memory_format=torch.contiguous_format)
     grad_probs = (torch.empty_like(probs, memory_format=torch.contiguous_format) if probs is not None
                   else h.new_empty(0, dtype=torch.float32))
+    out = h.new_empty(M, I) if with_output else grad_h
     blocks = C.rows_blocks(I, max_cols=128)  # quick_geglu holds 2x the columns
     C.launch(
         _activation_backward_kernel, (triton.cdiv(M, blocks.m),),
         grad, grad.stride(0), h, h.stride(0), probs.contiguous() if probs is not None else h,
-        grad_h, grad_h.stride(0), grad_probs if probs is not None else grad_h, M, I,
-        **_act_meta(h, kind, alpha, limit, linear_offset, probs, blocks),
+        grad_h, grad_h.stride(0), grad_probs if probs is not None else grad_h, out, out.stride(0), M, I,
+        STORE_OUT=with_output, **_act_meta(h, kind, alpha, limit, linear_offset, probs, blocks),
     )
-    return grad_h, grad_probs
+    return (grad_h, grad_probs, out) if with_output else (grad_h, grad_probs)
 
 
 @C.kernel_body("activation")
@@ -130,3 +135,11 @@ def activation_backward(
     linear_offset: float,
 ) -> tuple[Tensor, Tensor]:
     return activation_grads(grad, h, probs, kind, alpha, limit, linear_offset)
+
+
+@C.kernel_body("activation_backward_with_output")
+def activation_backward_with_output(
+    grad: Tensor, h: Tensor, probs: Optional[Tensor], kind: str, alpha: float, limit: Optional[float],
+    linear_offset: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return activation_grads(grad, h, probs, kind, alpha, limit, linear_offset, with_output=True)

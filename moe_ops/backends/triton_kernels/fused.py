@@ -10,7 +10,7 @@ Forward, per layer, three launches and no permuted copy of ``x``, no stored ``a`
 
 Backward: ``grad_y`` is never permuted either — the dgrad GEMM, the ``w2`` wgrad and the
 down-bias reductions read its token rows in place; likewise ``x`` in the ``w1`` wgrad.  ``a`` is
-rebuilt from ``h`` (one activation pass) for the ``w2`` wgrad.
+rebuilt from ``h`` by the activation-backward pass itself (one read of ``h``) for the ``w2`` wgrad.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from moe_ops.backends.triton_kernels import _common as C
-from moe_ops.backends.triton_kernels.activation import activation_forward, activation_grads
+from moe_ops.backends.triton_kernels.activation import activation_grads
 from moe_ops.backends.triton_kernels.bias import bias_grads
 from moe_ops.backends.triton_kernels.grouped_gemm import grouped_gemm
 from moe_ops.backends.triton_kernels.permute import combine_rows
@@ -70,10 +70,11 @@ def expert_down_backward(
     pair_of_row = pair_of_row.contiguous()
     p = _flat(probs, M)
     grad_a = grouped_gemm(grad_y, w2.transpose(1, 2), offsets, pair_of_row=pair_of_row, topk=K)
-    a = activation_forward(h, p, kind, alpha, limit, linear_offset)  # rebuilt from h, dropped after the wgrad
+    # One pass over h: the activation's gradients and a itself (for the W2 gradient, then dropped).
+    grad_h, grad_probs, a = activation_grads(grad_a, h, p, kind, alpha, limit, linear_offset, with_output=True)
+    del grad_a
     grad_w2 = grouped_wgrad(a, grad_y, offsets, pair_of_row=pair_of_row, gather_b=True, topk=K)
     del a
-    grad_h, grad_probs = activation_grads(grad_a, h, p, kind, alpha, limit, linear_offset)
     grad_b2 = h.new_empty(0)
     if b2 is not None:
         grad_b2, bias_grad_probs = bias_grads(grad_y, b2, offsets, p, pair_of_row, topk=K)
