@@ -27,8 +27,10 @@ and, on the CPU, ``loop`` (a Python loop over experts).  Every number goes to
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import sys
 import time
 import traceback
@@ -212,7 +214,8 @@ def profile_host(args) -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if common.is_cuda(device) else torch.float32
     shapes = CPU_SHAPES if not common.is_cuda(device) else common.SHAPES
-    shape = with_tokens(shapes[args.shapes[0]], (args.tokens or [1])[0])
+    base = shapes[args.shapes[0]]
+    shape = with_tokens(base, args.tokens[0] if args.tokens else (1 if common.is_cuda(device) else base.T))
     inputs = Inputs(shape, device, dtype)
     for mode, fn in modes(inputs, _ours(inputs, inputs.module)).items():
         for _ in range(5):
@@ -224,6 +227,15 @@ def profile_host(args) -> None:
             common.synchronize(device)
         print(f"\n== host profile: ours {mode}, {shape.name} T={shape.T} (20 calls; self CPU time)")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+        # The host time is Python: where it goes, per function (cProfile adds its own overhead per call).
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(200):
+            fn()
+        profiler.disable()
+        common.synchronize(device)
+        print(f"\n== Python profile: ours {mode}, {shape.name} T={shape.T} (200 calls; by own time)")
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(40)
 
 
 def cudagraph_skips() -> int:

@@ -16,8 +16,15 @@ Two rules come with the lower-level API:
 * Outputs must never alias inputs (nothing checks it eagerly; under the ``CI`` variable
   torch.compile raises, elsewhere it warns).
 
-Callers use the returned ``OpOverload`` (``torch.ops.moe.<name>.default``): an
-``OpOverloadPacket`` call resolves the overload again on every call.
+Callers use the returned :class:`Op`.  It calls the ``OpOverload`` (``torch.ops.moe.<name>.default``;
+an ``OpOverloadPacket`` call resolves the overload again on every call) whenever anything observes
+or transforms the dispatcher: torch.compile / torch.export tracing, a torch-function or dispatch
+mode (FakeTensor, FlopCounterMode, ``torch.device`` as a context), the autograd profiler, torch.func
+transforms, the JIT tracer, or a tensor subclass (DTensor, FakeTensor) among the arguments.  When
+nothing does — a plain eager call — it runs the op's kernel directly (the same validation and the
+same registry choice), with the op's own autograd formula as a ``torch.autograd.Function`` when a
+gradient is needed: the C++ dispatcher's round trip into Python and ``register_autograd``'s Python
+wrapper are most of an eager call's host time at decode sizes (measured in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -25,11 +32,94 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch._C import _functorch
 
 from moe_ops import registry
 
 NAMESPACE = "moe"
 LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+DEFINED: dict[str, "Op"] = {}  # every op defined here, by name
+
+
+_C = torch._C
+_is_compiling = torch.compiler.is_compiling
+_profiling = _C._autograd._profiler_enabled
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _observed() -> bool:
+    """Whether anything observes or transforms the dispatcher right now (then an op must be dispatched)."""
+    return bool(_is_compiling() or _C._is_torch_function_mode_enabled() or _C._len_torch_dispatch_stack()
+                or _profiling() or _functorch.peek_interpreter_stack() is not None or _C._get_tracing_state())
+
+
+def _plain(args: tuple) -> bool:
+    """Every tensor argument (lists included) is a plain ``Tensor`` or ``Parameter``, not on ``meta``."""
+    for a in args:
+        t = type(a)
+        if t in _PLAIN:
+            if a.is_meta:
+                return False
+        elif t is list or t is tuple:
+            if not _plain(a):
+                return False
+        elif isinstance(a, torch.Tensor):  # a subclass
+            return False
+    return True
+
+
+def _needs_grad(args: tuple) -> bool:
+    for a in args:
+        if type(a) in _PLAIN:
+            if a.requires_grad:
+                return True
+        elif type(a) in (list, tuple) and _needs_grad(a):
+            return True
+    return False
+
+
+class Op:
+    """A ``moe::`` op for Python callers: the ``OpOverload`` (``overload``), or, for a plain eager call,
+    its kernel directly (see the module docstring)."""
+
+    __slots__ = ("overload", "_run", "_function", "__name__")
+
+    def __init__(self, overload: torch._ops.OpOverload, run: Callable, function: Optional[type]):
+        self.overload, self._run, self._function = overload, run, function
+        self.__name__ = overload._opname
+
+    def __call__(self, *args):
+        if _observed() or not _plain(args):
+            return self.overload(*args)
+        if self._function is not None and _C.is_grad_enabled() and _needs_grad(args):
+            return self._function.apply(*args)
+        return self._run(*args)
+
+    def __repr__(self) -> str:
+        return f"moe_ops.Op({self.overload})"
+
+
+def _autograd_function(name: str, run: Callable, backward: Callable, setup_context: Optional[Callable]) -> type:
+    """The op's autograd formula (as given to ``register_autograd``) as a ``torch.autograd.Function``.
+
+    Its ``forward`` takes ``ctx`` and calls ``setup_context`` itself: a Function with a separate
+    ``setup_context`` binds every call's arguments to its signature with ``inspect`` first (~10 us)."""
+
+    def forward(ctx, *args):
+        output = run(*args)
+        ctx.moe_num_inputs = len(args)
+        if setup_context is not None:
+            setup_context(ctx, args, output)
+        return output
+
+    def grads(ctx, *grad_outputs):
+        result = backward(ctx, *grad_outputs)
+        result = result if isinstance(result, tuple) else (result,)
+        n = ctx.moe_num_inputs  # one gradient per argument passed (the formula may cover defaulted ones too)
+        return result[:n] + (None,) * (n - len(result))
+
+    return type(f"{name}_function", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(grads)})
 
 
 def define(
@@ -41,7 +131,7 @@ def define(
     setup_context: Optional[Callable] = None,
     tags: tuple = (),
     kernel: Optional[Callable] = None,
-) -> torch._ops.OpOverload:
+) -> Op:
     """Define ``moe::<schema>``; its kernel validates the inputs and runs the registry's choice of backend.
 
     ``validate(*args)`` raises on bad inputs (eager and fake alike); ``fake(*args)`` returns outputs
@@ -73,6 +163,9 @@ def define(
     LIB.impl(name, impl, "CompositeExplicitAutograd")
     qualname = f"{NAMESPACE}::{name}"
     torch.library.register_fake(qualname, fake_kernel, lib=LIB)
+    function = None
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=LIB)
-    return getattr(getattr(torch.ops, NAMESPACE), name).default
+        function = _autograd_function(name, impl, backward, setup_context)
+    op = DEFINED[name] = Op(getattr(getattr(torch.ops, NAMESPACE), name).default, impl, function)
+    return op

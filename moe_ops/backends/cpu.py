@@ -6,8 +6,9 @@ rows, in blocks of whole groups of about ``BLOCK_ROWS`` rows (so a block's inter
 cache from one step to the next, as a per-expert loop's do): the block's token rows are gathered
 with one ``index_select``, the GEMMs are ``torch._grouped_mm``'s CPU kernel (a loop over the groups
 that multiplies only each group's rows), and the combine is a float32 ``index_add_``
-(deterministic: rows are added in row order).  The activation and the bias steps run on the
-kernel the registry picks for them.  Rows past ``n`` come out as zeros.
+(deterministic: rows are added in row order).  The activation and the bias steps are the plain
+PyTorch math of ``backends/_elementwise.py``, called directly (no registry round trip per step and
+per block).  Rows past ``n`` come out as zeros.
 
 ``reference`` remains the oracle: it multiplies every row by every group's matrix and masks
 (exact, no host read, any device), which at real shapes costs E times the FLOPs.  Offsets are
@@ -25,6 +26,13 @@ from torch import Tensor
 
 from moe_ops import registry
 from moe_ops.backends import _grouped_mm_inputs
+from moe_ops.backends._elementwise import (
+    acc_dtype,
+    activation,
+    activation_backward_with_output,
+    add_expert_bias,
+    expert_bias_backward,
+)
 from moe_ops.registry import Backend
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -33,10 +41,6 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows per block: the fused ops run group by group in blocks of about this many rows, so each
 # block's intermediates stay in cache between the steps (as a per-expert loop's do).
 BLOCK_ROWS = 512
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Block(NamedTuple):
@@ -117,7 +121,7 @@ def expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, num_rows=None):
     def up(blk):
         h = _mm(x.index_select(0, _tokens(pair_of_row, blk, K)), w1[blk.groups], blk.ends)
         if b1 is not None:
-            h = registry.call("add_expert_bias", h, b1[blk.groups], blk.ends, None)
+            h = add_expert_bias(h, b1[blk.groups], blk.ends, None)
         return (h,)
 
     h, = _assemble(blocks, M, up, (w1.shape[2],), x)
@@ -127,7 +131,7 @@ def expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1, num_rows=None):
 def expert_up_backward(grad_h, x, pair_of_row, row_of_pair, offsets, w1, b1):
     M, K = grad_h.shape[0], row_of_pair.shape[1]
     n, _, blocks = _plan(offsets, M)
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     grad_x = torch.zeros(x.shape, dtype=acc)
     grad_w1 = torch.empty_like(w1)  # the blocks cover every group (an empty one's wgrad is zeros)
     grad_b1 = x.new_empty(0) if b1 is None else torch.empty_like(b1)
@@ -137,20 +141,20 @@ def expert_up_backward(grad_h, x, pair_of_row, row_of_pair, offsets, w1, b1):
         grad_x.index_add_(0, tokens, _mm(gh, w1[blk.groups].transpose(1, 2), blk.ends).to(acc))
         grad_w1[blk.groups] = _wgrad(x.index_select(0, tokens), gh, blk.ends)
         if b1 is not None:
-            grad_b1[blk.groups] = registry.call("expert_bias_backward", gh, b1[blk.groups], blk.ends, None)[0]
+            grad_b1[blk.groups] = expert_bias_backward(gh, b1[blk.groups], blk.ends, None)[0]
     return grad_x.to(x.dtype), grad_w1, grad_b1
 
 
 def expert_down(h, w2, b2, probs, pair_of_row, row_of_pair, offsets, kind, alpha, limit, linear_offset, out_dtype):
     M, K = h.shape[0], row_of_pair.shape[1]
     n, _, blocks = _plan(offsets, M)
-    y = torch.zeros(row_of_pair.shape[0], w2.shape[2], dtype=_acc(h.dtype))
+    y = torch.zeros(row_of_pair.shape[0], w2.shape[2], dtype=acc_dtype(h.dtype))
     for blk in blocks:
         p = _rows(probs, blk)
-        a = registry.call("activation", _rows(h, blk), p, kind, alpha, limit, linear_offset)
+        a = activation(_rows(h, blk), p, kind, alpha, limit, linear_offset)
         out = _mm(a, w2[blk.groups], blk.ends)
         if b2 is not None:
-            out = registry.call("add_expert_bias", out, b2[blk.groups], blk.ends, p)
+            out = add_expert_bias(out, b2[blk.groups], blk.ends, p)
         y.index_add_(0, _tokens(pair_of_row, blk, K), out.to(y.dtype))
     return y.to(out_dtype or h.dtype)
 
@@ -166,11 +170,11 @@ def expert_down_backward(grad_y, h, w2, b2, probs, pair_of_row, row_of_pair, off
 
     def down_grads(blk):
         g, hb, p = grad_y.index_select(0, _tokens(pair_of_row, blk, K)), _rows(h, blk), _rows(probs, blk)
-        gh, gp, a = registry.call("activation_backward_with_output", _mm(g, w2[blk.groups].transpose(1, 2), blk.ends),
+        gh, gp, a = activation_backward_with_output(_mm(g, w2[blk.groups].transpose(1, 2), blk.ends),
                                   hb, p, kind, alpha, limit, linear_offset)  # a: rebuilt for the wgrad, not kept
         grad_w2[blk.groups] = _wgrad(a, g, blk.ends)
         if b2 is not None:
-            gb, gp_bias = registry.call("expert_bias_backward", g, b2[blk.groups], blk.ends, p)
+            gb, gp_bias = expert_bias_backward(g, b2[blk.groups], blk.ends, p)
             grad_b2[blk.groups] = gb
             gp = gp if probs is None else gp + gp_bias.reshape(gp.shape)
         if probs is not None:

@@ -15,18 +15,17 @@ import sys
 import torch
 from torch import Tensor
 
+from moe_ops.backends._elementwise import (
+    acc_dtype,
+    group_of_rows,
+    activation,
+    activation_backward,
+    activation_backward_with_output,
+    add_expert_bias,
+    expert_bias_backward,
+)
 from moe_ops.ops import fused_composition
 from moe_ops.registry import Backend
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _group_of_rows(offsets: Tensor, rows: int) -> Tensor:
-    """Group id of each row; rows past the last offset get ``len(offsets)``."""
-    r = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
-    return torch.searchsorted(offsets, r, right=True)
 
 
 def _valid_pairs(row_of_pair: Tensor, offsets: Tensor) -> Tensor:
@@ -52,7 +51,7 @@ def gather(x, row_of_pair, offsets, weights, num_rows=None):
     M = T * K if num_rows is None else num_rows
     vals = x.unsqueeze(1).expand(T, K, x.shape[1])
     if weights is not None:
-        vals = (vals.to(_acc(x.dtype)) * weights.to(_acc(x.dtype)).unsqueeze(-1)).to(x.dtype)
+        vals = (vals.to(acc_dtype(x.dtype)) * weights.to(acc_dtype(x.dtype)).unsqueeze(-1)).to(x.dtype)
     vals = torch.where(_valid_pairs(row_of_pair, offsets).unsqueeze(-1), vals, 0)
     # Row M collects the pairs whose row is past the M kept rows, and is dropped.
     out = x.new_zeros(M + 1, x.shape[1])
@@ -65,9 +64,9 @@ def _pair_rows(rows, row_of_pair):
     # Pairs whose row is past the given rows read row 0 (they are masked out by _valid_rows).
     T, K = row_of_pair.shape
     if rows.shape[0] == 0:
-        return rows.new_zeros(T, K, rows.shape[1], dtype=_acc(rows.dtype))
+        return rows.new_zeros(T, K, rows.shape[1], dtype=acc_dtype(rows.dtype))
     safe = torch.where(row_of_pair < rows.shape[0], row_of_pair, 0)
-    return rows.index_select(0, safe.reshape(-1)).view(T, K, rows.shape[1]).to(_acc(rows.dtype))
+    return rows.index_select(0, safe.reshape(-1)).view(T, K, rows.shape[1]).to(acc_dtype(rows.dtype))
 
 
 def _valid_rows(row_of_pair, offsets, rows):
@@ -83,14 +82,14 @@ def combine(rows, row_of_pair, offsets, weights):
 
 
 def pair_dot(a, rows, row_of_pair, offsets):
-    acc = _acc(a.dtype)
+    acc = acc_dtype(a.dtype)
     dots = (_pair_rows(rows, row_of_pair).to(acc) * a.to(acc).unsqueeze(1)).sum(-1)
     return torch.where(_valid_rows(row_of_pair, offsets, rows), dots, 0).contiguous()
 
 
 def grouped_mm(a, b, offsets):
-    acc = _acc(a.dtype)
-    group = _group_of_rows(offsets, a.shape[0]).unsqueeze(1)
+    acc = acc_dtype(a.dtype)
+    group = group_of_rows(offsets, a.shape[0]).unsqueeze(1)
     a_acc = a.to(acc)
     out = a.new_zeros(a.shape[0], b.shape[2], dtype=acc)
     for g in range(b.shape[0]):
@@ -99,108 +98,14 @@ def grouped_mm(a, b, offsets):
 
 
 def grouped_mm_wgrad(a, grad, offsets):
-    acc = _acc(a.dtype)
-    group = _group_of_rows(offsets, a.shape[0]).unsqueeze(1)
+    acc = acc_dtype(a.dtype)
+    group = group_of_rows(offsets, a.shape[0]).unsqueeze(1)
     a_acc, grad_acc = a.to(acc), grad.to(acc)
     per_group = []
     for g in range(offsets.shape[0]):
         mine = group == g
         per_group.append(torch.where(mine, a_acc, 0).t() @ torch.where(mine, grad_acc, 0))
     return torch.stack(per_group).to(a.dtype)
-
-
-def _bias_rows(bias, offsets, rows):
-    group = _group_of_rows(offsets, rows)
-    valid = (group < bias.shape[0]).unsqueeze(1)
-    return bias.to(_acc(bias.dtype))[group.clamp(max=bias.shape[0] - 1)], valid, group
-
-
-def add_expert_bias(h, bias, offsets, probs):
-    b_rows, valid, _ = _bias_rows(bias, offsets, h.shape[0])
-    acc = _acc(h.dtype)
-    if probs is not None:
-        b_rows = b_rows.to(acc) * probs.reshape(-1, 1).to(acc)
-    return (h.to(acc) + torch.where(valid, b_rows.to(acc), 0)).to(h.dtype).contiguous()
-
-
-def expert_bias_backward(grad, bias, offsets, probs):
-    b_rows, valid, group = _bias_rows(bias, offsets, grad.shape[0])
-    acc = _acc(grad.dtype)
-    g = grad.to(acc)
-    gp = g if probs is None else g * probs.reshape(-1, 1).to(acc)
-    grad_bias = torch.stack([torch.where(group.unsqueeze(1) == e, gp, 0).sum(0) for e in range(bias.shape[0])])
-    if probs is None:
-        grad_probs = grad.new_empty(0, dtype=torch.float32)
-    else:
-        dots = torch.where(valid, g * b_rows.to(acc), 0).sum(1)
-        grad_probs = dots.to(probs.dtype).reshape(probs.shape)
-    return grad_bias.to(bias.dtype), grad_probs
-
-
-def _split(h, kind):
-    if kind == "quick_geglu":
-        return h[:, 0::2], h[:, 1::2]
-    return h.chunk(2, dim=1)
-
-
-def _merge(d_gate, d_up, kind):
-    if kind == "quick_geglu":
-        return torch.stack([d_gate, d_up], dim=2).flatten(1)
-    return torch.cat([d_gate, d_up], dim=1)
-
-
-def _act_forward_backward(h, kind, alpha, limit, linear_offset, d_out=None):
-    """act(h) and, when ``d_out`` is given, d act / d h applied to it (closed forms)."""
-    if kind == "relu2":
-        r = torch.relu(h)
-        return r * r, None if d_out is None else d_out * 2 * r
-    gate, up = _split(h, kind)
-    if kind == "swiglu":
-        s = torch.sigmoid(gate)
-        silu = gate * s
-        if d_out is None:
-            return silu * up, None
-        return silu * up, _merge(d_out * up * s * (1 + gate * (1 - s)), d_out * silu, kind)
-    # quick_geglu
-    gate_mask = up_mask = None
-    if limit is not None:
-        gate_mask, up_mask = gate <= limit, (up >= -limit) & (up <= limit)
-        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-    s = torch.sigmoid(alpha * gate)
-    glu = gate * s
-    out = glu * (up + linear_offset)
-    if d_out is None:
-        return out, None
-    d_gate = d_out * (up + linear_offset) * s * (1 + alpha * gate * (1 - s))
-    d_up = d_out * glu
-    if limit is not None:
-        d_gate, d_up = torch.where(gate_mask, d_gate, 0), torch.where(up_mask, d_up, 0)
-    return out, _merge(d_gate, d_up, kind)
-
-
-def activation(h, probs, kind, alpha, limit, linear_offset):
-    acc = _acc(h.dtype)
-    out, _ = _act_forward_backward(h.to(acc), kind, alpha, limit, linear_offset)
-    if probs is not None:
-        out = out * probs.reshape(-1, 1).to(acc)
-    return out.to(h.dtype).contiguous()
-
-
-def activation_backward(grad, h, probs, kind, alpha, limit, linear_offset):
-    acc = _acc(h.dtype)
-    g = grad.to(acc)
-    d_out = g if probs is None else g * probs.reshape(-1, 1).to(acc)
-    out, grad_h = _act_forward_backward(h.to(acc), kind, alpha, limit, linear_offset, d_out)
-    if probs is None:
-        grad_probs = h.new_empty(0, dtype=torch.float32)
-    else:
-        grad_probs = (g * out).sum(1).to(probs.dtype).reshape(probs.shape)
-    return grad_h.to(h.dtype).contiguous(), grad_probs
-
-
-def activation_backward_with_output(grad, h, probs, kind, alpha, limit, linear_offset):
-    return (*activation_backward(grad, h, probs, kind, alpha, limit, linear_offset),
-            activation(h, probs, kind, alpha, limit, linear_offset))
 
 
 def _rows_or_zeros(src, idx, valid):
@@ -230,7 +135,7 @@ def put_to(rows, dests):
 
 
 def sum_from(sources, row, out_dtype=None):
-    acc = torch.zeros(row.shape[0], sources[0].shape[1], dtype=_acc(sources[0].dtype), device=row.device)
+    acc = torch.zeros(row.shape[0], sources[0].shape[1], dtype=acc_dtype(sources[0].dtype), device=row.device)
     for s, src in enumerate(sources):
         acc += _rows_or_zeros(src, row[:, s], row[:, s] >= 0).to(acc.dtype)
     return acc.to(out_dtype or sources[0].dtype)

@@ -1,0 +1,117 @@
+"""The expert block's elementwise math in plain PyTorch: the activations' closed forms and their
+backward, and the per-expert bias (with the routing probability), accumulated in float32 (float64
+for float64 inputs), any device, no host synchronisation.
+
+These are the ``reference`` backend's kernels for those ops, and the ``cpu`` backend composes its
+fused ops from them directly (one function call, not a registry round trip per step).  A helper
+of those backends, not a backend: neither imports the other.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def group_of_rows(offsets: Tensor, rows: int) -> Tensor:
+    """Group id of each row; rows past the last offset get ``len(offsets)``."""
+    r = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets, r, right=True)
+
+
+def _bias_rows(bias, offsets, rows):
+    group = group_of_rows(offsets, rows)
+    valid = (group < bias.shape[0]).unsqueeze(1)
+    return bias.to(acc_dtype(bias.dtype))[group.clamp(max=bias.shape[0] - 1)], valid, group
+
+
+def add_expert_bias(h, bias, offsets, probs):
+    b_rows, valid, _ = _bias_rows(bias, offsets, h.shape[0])
+    acc = acc_dtype(h.dtype)
+    if probs is not None:
+        b_rows = b_rows.to(acc) * probs.reshape(-1, 1).to(acc)
+    return (h.to(acc) + torch.where(valid, b_rows.to(acc), 0)).to(h.dtype).contiguous()
+
+
+def expert_bias_backward(grad, bias, offsets, probs):
+    b_rows, valid, group = _bias_rows(bias, offsets, grad.shape[0])
+    acc = acc_dtype(grad.dtype)
+    g = grad.to(acc)
+    gp = g if probs is None else g * probs.reshape(-1, 1).to(acc)
+    grad_bias = torch.stack([torch.where(group.unsqueeze(1) == e, gp, 0).sum(0) for e in range(bias.shape[0])])
+    if probs is None:
+        grad_probs = grad.new_empty(0, dtype=torch.float32)
+    else:
+        dots = torch.where(valid, g * b_rows.to(acc), 0).sum(1)
+        grad_probs = dots.to(probs.dtype).reshape(probs.shape)
+    return grad_bias.to(bias.dtype), grad_probs
+
+
+def _split(h, kind):
+    if kind == "quick_geglu":
+        return h[:, 0::2], h[:, 1::2]
+    return h.chunk(2, dim=1)
+
+
+def _merge(d_gate, d_up, kind):
+    if kind == "quick_geglu":
+        return torch.stack([d_gate, d_up], dim=2).flatten(1)
+    return torch.cat([d_gate, d_up], dim=1)
+
+
+def _act_forward_backward(h, kind, alpha, limit, linear_offset, d_out=None):
+    """act(h) and, when ``d_out`` is given, d act / d h applied to it (closed forms)."""
+    if kind == "relu2":
+        r = torch.relu(h)
+        return r * r, None if d_out is None else d_out * 2 * r
+    gate, up = _split(h, kind)
+    if kind == "swiglu":
+        s = torch.sigmoid(gate)
+        silu = gate * s
+        if d_out is None:
+            return silu * up, None
+        return silu * up, _merge(d_out * up * s * (1 + gate * (1 - s)), d_out * silu, kind)
+    # quick_geglu
+    gate_mask = up_mask = None
+    if limit is not None:
+        gate_mask, up_mask = gate <= limit, (up >= -limit) & (up <= limit)
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    s = torch.sigmoid(alpha * gate)
+    glu = gate * s
+    out = glu * (up + linear_offset)
+    if d_out is None:
+        return out, None
+    d_gate = d_out * (up + linear_offset) * s * (1 + alpha * gate * (1 - s))
+    d_up = d_out * glu
+    if limit is not None:
+        d_gate, d_up = torch.where(gate_mask, d_gate, 0), torch.where(up_mask, d_up, 0)
+    return out, _merge(d_gate, d_up, kind)
+
+
+def activation(h, probs, kind, alpha, limit, linear_offset):
+    acc = acc_dtype(h.dtype)
+    out, _ = _act_forward_backward(h.to(acc), kind, alpha, limit, linear_offset)
+    if probs is not None:
+        out = out * probs.reshape(-1, 1).to(acc)
+    return out.to(h.dtype).contiguous()
+
+
+def activation_backward(grad, h, probs, kind, alpha, limit, linear_offset):
+    acc = acc_dtype(h.dtype)
+    g = grad.to(acc)
+    d_out = g if probs is None else g * probs.reshape(-1, 1).to(acc)
+    out, grad_h = _act_forward_backward(h.to(acc), kind, alpha, limit, linear_offset, d_out)
+    if probs is None:
+        grad_probs = h.new_empty(0, dtype=torch.float32)
+    else:
+        grad_probs = (g * out).sum(1).to(probs.dtype).reshape(probs.shape)
+    return grad_h.to(h.dtype).contiguous(), grad_probs
+
+
+def activation_backward_with_output(grad, h, probs, kind, alpha, limit, linear_offset):
+    return (*activation_backward(grad, h, probs, kind, alpha, limit, linear_offset),
+            activation(h, probs, kind, alpha, limit, linear_offset))
