@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 PARAM_NAMES = ("gate_and_up_projs", "down_projs", "gate_up_proj_bias", "down_proj_bias")
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def create_expert_params(module: nn.Module, config, num_experts: Optional[int] = None) -> None:
@@ -41,6 +42,8 @@ def init_expert_params(module: nn.Module, buffer_device, init_std: float = 0.02)
 
 def local(t):
     """The local shard of a (possibly DTensor) parameter, keeping autograd to it."""
+    if t is None or type(t) in _PLAIN:  # every call's case off expert parallelism: no DTensor import
+        return t
     # isinstance, not hasattr(t, "to_local"): under Dynamo that hasattr is False for a DTensor.
     if torch.distributed.is_available():
         from torch.distributed.tensor import DTensor
@@ -52,4 +55,7 @@ def local(t):
 
 def local_expert_params(module: nn.Module) -> tuple:
     """``(w1, w2, b1, b2)``: this rank's shards of the four expert parameters (biases may be None)."""
-    return tuple(None if getattr(module, n) is None else local(getattr(module, n)) for n in PARAM_NAMES)
+    # A registered parameter (or None) straight from _parameters, skipping nn.Module.__getattr__; anything
+    # else (a parametrization's property, a plain tensor attribute) by getattr.
+    params = module._parameters
+    return tuple(local(params[n] if n in params else getattr(module, n)) for n in PARAM_NAMES)

@@ -29,6 +29,7 @@ wrapper are most of an eager call's host time at decode sizes (measured in BENCH
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -82,18 +83,27 @@ class Op:
     """A ``moe::`` op for Python callers: the ``OpOverload`` (``overload``), or, for a plain eager call,
     its kernel directly (see the module docstring)."""
 
-    __slots__ = ("overload", "_run", "_function", "__name__")
+    __slots__ = ("overload", "_run", "_run_unchecked", "_function", "__name__")
 
-    def __init__(self, overload: torch._ops.OpOverload, run: Callable, function: Optional[type]):
-        self.overload, self._run, self._function = overload, run, function
+    def __init__(self, overload: torch._ops.OpOverload, run: Callable, run_unchecked: Callable,
+                 function: Optional[type]):
+        self.overload, self._run, self._run_unchecked, self._function = overload, run, run_unchecked, function
         self.__name__ = overload._opname
 
     def __call__(self, *args):
+        return self._call(self._run, args)
+
+    def unchecked(self, *args):
+        """The op, without its validation on the eager shortcut: for the ops' own autograd formulas, whose
+        inputs are what the forward validated and saved, and gradients autograd checked against its outputs."""
+        return self._call(self._run_unchecked, args)
+
+    def _call(self, run: Callable, args: tuple):
         if _observed() or not _plain(args):
             return self.overload(*args)
         if self._function is not None and _C.is_grad_enabled() and _needs_grad(args):
             return self._function.apply(*args)
-        return self._run(*args)
+        return run(*args)
 
     def __repr__(self) -> str:
         return f"moe_ops.Op({self.overload})"
@@ -147,13 +157,13 @@ def define(
         registry.register_op(name, [a.name for a in arguments],
                              {a.name: a.default_value for a in arguments if a.has_default_value()})
 
-        def impl(*args):
-            validate(*args)
-            return registry.call(name, *args)
+        run = functools.partial(registry.call, name)
     else:
-        def impl(*args):
-            validate(*args)
-            return kernel(*args)
+        run = kernel
+
+    def impl(*args):
+        validate(*args)
+        return run(*args)
 
     def fake_kernel(*args):
         validate(*args)
@@ -167,5 +177,5 @@ def define(
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=LIB)
         function = _autograd_function(name, impl, backward, setup_context)
-    op = DEFINED[name] = Op(getattr(getattr(torch.ops, NAMESPACE), name).default, impl, function)
+    op = DEFINED[name] = Op(getattr(getattr(torch.ops, NAMESPACE), name).default, impl, run, function)
     return op

@@ -100,18 +100,24 @@ def activation(h, probs, kind, alpha, limit, linear_offset):
     return out.to(h.dtype).contiguous()
 
 
-def activation_backward(grad, h, probs, kind, alpha, limit, linear_offset):
+def _backward(grad, h, probs, kind, alpha, limit, linear_offset):
+    """``grad_h``, ``grad_probs``, and ``act(h)`` and the probabilities in the accumulation dtype, from one
+    evaluation of the closed forms."""
     acc = acc_dtype(h.dtype)
     g = grad.to(acc)
-    d_out = g if probs is None else g * probs.reshape(-1, 1).to(acc)
-    out, grad_h = _act_forward_backward(h.to(acc), kind, alpha, limit, linear_offset, d_out)
-    if probs is None:
+    p = None if probs is None else probs.reshape(-1, 1).to(acc)
+    out, grad_h = _act_forward_backward(h.to(acc), kind, alpha, limit, linear_offset, g if p is None else g * p)
+    if p is None:
         grad_probs = h.new_empty(0, dtype=torch.float32)
     else:
         grad_probs = (g * out).sum(1).to(probs.dtype).reshape(probs.shape)
-    return grad_h.to(h.dtype).contiguous(), grad_probs
+    return grad_h.to(h.dtype).contiguous(), grad_probs, out, p
+
+
+def activation_backward(grad, h, probs, kind, alpha, limit, linear_offset):
+    return _backward(grad, h, probs, kind, alpha, limit, linear_offset)[:2]
 
 
 def activation_backward_with_output(grad, h, probs, kind, alpha, limit, linear_offset):
-    return (*activation_backward(grad, h, probs, kind, alpha, limit, linear_offset),
-            activation(h, probs, kind, alpha, limit, linear_offset))
+    grad_h, grad_probs, out, p = _backward(grad, h, probs, kind, alpha, limit, linear_offset)
+    return grad_h, grad_probs, (out if p is None else out * p).to(h.dtype).contiguous()

@@ -122,7 +122,8 @@ def _up_setup(ctx, inputs, output):
 
 def _up_backward(ctx, grad_h):
     x, pair_of_row, row_of_pair, offsets, w1, b1 = ctx.saved_tensors
-    grad_x, grad_w1, grad_b1 = expert_up_backward(grad_h.contiguous(), x, pair_of_row, row_of_pair, offsets, w1, b1)
+    grad_x, grad_w1, grad_b1 = _expert_up_backward.unchecked(grad_h.contiguous(), x, pair_of_row, row_of_pair,
+                                                             offsets, w1, b1)
     return grad_x, None, None, None, grad_w1, grad_b1 if b1 is not None else None, None
 
 
@@ -166,7 +167,7 @@ def _down_backward(ctx, grad_y):
     h, w2, b2, probs, pair_of_row, row_of_pair, offsets = ctx.saved_tensors
     # The rows are in h.dtype before the float32 sum: their gradient is rounded to it, as an
     # explicit rows.to(out_dtype) would do.
-    grad_h, grad_w2, grad_b2, grad_probs = expert_down_backward(
+    grad_h, grad_w2, grad_b2, grad_probs = _expert_down_backward.unchecked(
         grad_y.to(h.dtype).contiguous(), h, w2, b2, probs, pair_of_row, row_of_pair, offsets, *ctx.params
     )
     return (grad_h, grad_w2, grad_b2 if b2 is not None else None, grad_probs if probs is not None else None,
