@@ -297,23 +297,31 @@ _BIG = 2**31
 _CACHE_LIMIT = 4096
 
 
+def _tensor_key(a: torch.Tensor) -> Hashable:
+    # Everything a backend's reasons read: device, dtype, the widths, the number of rows to a power of two
+    # (a backend may decline below a row count only at a power of two), whether it is empty or has a
+    # dimension of 2^31 or more, and the length of a 1-D int32 tensor (offsets: the experts).
+    s = a.shape
+    if not s:
+        return a.device, a.dtype
+    rows, dtype = s[0], a.dtype
+    if dtype is torch.int32 and len(s) == 1:
+        return a.device, dtype, rows
+    n = a.numel()
+    return a.device, dtype, s[1:], rows.bit_length(), n == 0, n >= _BIG and max(s) >= _BIG
+
+
 def _key(a) -> Hashable:
     if isinstance(a, torch.Tensor):
-        s, n = a.shape, a.numel()
-        # Everything a backend's reasons read: device, dtype, the widths, the number of rows to a power
-        # of two (a backend may decline below a row count only at a power of two), whether it is empty or
-        # has a dimension of 2^31 or more, and the length of a 1-D int32 tensor (offsets: the experts).
-        rows = s[0].bit_length() if s else -1
-        groups = s[0] if a.dtype is torch.int32 and len(s) == 1 else -1
-        return (a.device, a.dtype, s[1:], rows, n == 0, n >= _BIG and max(s) >= _BIG, groups)
+        return _tensor_key(a)
     if isinstance(a, (list, tuple)):
-        return tuple(_key(x) for x in a)
+        return tuple(map(_key, a))
     return a
 
 
 def input_key(args: tuple) -> tuple:
     """What of ``args`` the backends' ``not_supported_reasons`` may depend on (the choice's cache key)."""
-    return tuple(_key(a) for a in args)
+    return tuple(map(_key, args))
 
 
 def _choose_uncached(op: str, args: tuple, forced: Optional[str]) -> Backend:

@@ -76,8 +76,8 @@ def test_default_on_cpu_is_reference_for_activations(op, op_args):
 
 
 @CPU_ONLY_REFERENCE
-def test_default_on_cpu_is_reference_for_route(route_args):
-    assert registry.choose("route", route_args).name == "reference"
+def test_default_on_cpu_is_the_cpu_backend_for_route(route_args):
+    assert registry.choose("route", route_args).name == "cpu"
 
 
 def test_backends_are_registered_best_first():
@@ -283,16 +283,16 @@ def test_choice_is_cached_by_input_kind(route_args, monkeypatch):
     """Reasons are computed once per kind of input (device, dtype, widths, ...), not on every call; a new
     kind, a forced backend or a replaced backend is a miss."""
     asked = []
-    counting = dataclasses.replace(registry.get_backend("reference"),
-                                   input_reasons=lambda op, args: asked.append(op) or [])
-    monkeypatch.setitem(registry._BACKENDS, "reference", counting)
+    name = registry.choose("route", route_args).name  # the default's reasons are the ones asked
+    counting = dataclasses.replace(registry.get_backend(name), input_reasons=lambda op, args: asked.append(op) or [])
+    monkeypatch.setitem(registry._BACKENDS, name, counting)
     indices, token_mask, start, experts = route_args
     for _ in range(3):  # new values, same kind
         registry.choose("route", (torch.randint(0, experts, indices.shape), token_mask, start, experts))
     assert asked == ["route"]
     registry.choose("route", (indices.int(), token_mask, start, experts))  # another dtype
     assert asked == ["route", "route"]
-    with moe_ops.use_backend("reference"):  # forced: another key
+    with moe_ops.use_backend(name):  # forced (even to the default): another key
         registry.choose("route", route_args)
     assert len(asked) == 3
 
@@ -448,7 +448,7 @@ def test_gemm_family_reaches_a_module(form, monkeypatch, clean_forcing):
         monkeypatch.setenv(ENV, "gemm=reference")
         got, chosen = _forward_backward(*case)
     assert all(chosen[op] == {"reference"} for op in FUSED), chosen
-    assert chosen["route"] == {"reference"}
+    assert chosen["route"] == default["route"]  # not of the family: its default stays
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 

@@ -103,6 +103,19 @@ def _wgrad(a, grad, ends):
     return torch._grouped_mm(a.contiguous().t(), grad.contiguous(), offs=ends)
 
 
+def route(indices, token_mask, expert_start, num_experts):
+    # The reference's sort in fewer steps (a small call's host time is its steps): the counts from one
+    # bincount (the CPU's is a plain loop: deterministic), the offsets from their int32 cumsum.
+    T, K = indices.shape
+    local = indices - expert_start if expert_start else indices
+    valid = (local >= 0) & (local < num_experts) & token_mask.unsqueeze(1)
+    key = torch.where(valid, local, num_experts).reshape(-1)
+    pair_of_row = torch.argsort(key, stable=True)
+    tokens_per_expert = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    row_of_pair = torch.empty_like(pair_of_row).scatter_(0, pair_of_row, torch.arange(T * K))
+    return pair_of_row, row_of_pair.view(T, K), tokens_per_expert, tokens_per_expert.cumsum(0, dtype=torch.int32)
+
+
 def grouped_mm(a, b, offsets):
     n, ends, _ = _plan(offsets, a.shape[0])
     out = _mm(a, b, ends)
@@ -188,6 +201,9 @@ def expert_down_backward(grad_y, h, w2, b2, probs, pair_of_row, row_of_pair, off
 def _input_reasons(op: str, inputs: Optional[registry.Inputs]) -> list[str]:
     if inputs is None:  # asked without inputs (the support table)
         return []
+    if op == "route":
+        device = inputs.indices.device.type
+        return [] if device == "cpu" else [f"inputs are on {device}; needs the CPU"]
     first, second = _grouped_mm_inputs.operands(op, inputs)
     if first.device.type != "cpu":
         return [f"inputs are on {first.device.type}; needs the CPU"]
@@ -203,9 +219,10 @@ def _unavailable() -> list[str]:
 
 BACKEND = Backend(
     name="cpu",
-    description="CPU tensors: torch._grouped_mm's CPU kernel and index_select / index_add over the valid rows only",
+    description="CPU tensors: torch._grouped_mm's CPU kernel and index_select / index_add over the valid rows only; "
+                "the routing in few steps",
     kernels={
-        "grouped_mm": grouped_mm, "grouped_mm_wgrad": grouped_mm_wgrad, "expert_up": expert_up,
+        "route": route, "grouped_mm": grouped_mm, "grouped_mm_wgrad": grouped_mm_wgrad, "expert_up": expert_up,
         "expert_up_backward": expert_up_backward, "expert_down": expert_down,
         "expert_down_backward": expert_down_backward,
     },
