@@ -183,8 +183,9 @@ def expert_down_backward(grad_y, h, w2, b2, probs, pair_of_row, row_of_pair, off
 
     def down_grads(blk):
         g, hb, p = grad_y.index_select(0, _tokens(pair_of_row, blk, K)), _rows(h, blk), _rows(probs, blk)
-        gh, gp, a = activation_backward_with_output(_mm(g, w2[blk.groups].transpose(1, 2), blk.ends),
-                                  hb, p, kind, alpha, limit, linear_offset)  # a: rebuilt for the wgrad, not kept
+        # a: rebuilt for the wgrad, not kept
+        gh, gp, a = activation_backward_with_output(_mm(g, w2[blk.groups].transpose(1, 2), blk.ends), hb, p, kind,
+                                                    alpha, limit, linear_offset)
         grad_w2[blk.groups] = _wgrad(a, g, blk.ends)
         if b2 is not None:
             gb, gp_bias = expert_bias_backward(g, b2[blk.groups], blk.ends, p)
