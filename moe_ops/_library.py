@@ -71,10 +71,11 @@ def _plain(args: tuple) -> bool:
 
 def _needs_grad(args: tuple) -> bool:
     for a in args:
-        if type(a) in _PLAIN:
+        t = type(a)
+        if t in _PLAIN:
             if a.requires_grad:
                 return True
-        elif type(a) in (list, tuple) and _needs_grad(a):
+        elif (t is list or t is tuple) and _needs_grad(a):
             return True
     return False
 

@@ -1,4 +1,4 @@
-"""The ``cpu`` backend: the expert GEMMs and the fused ops on CPU tensors, over the valid rows only.
+"""The ``cpu`` backend: the routing, the expert GEMMs and the fused ops on CPU tensors, over the valid rows only.
 
 On the CPU the group offsets already live on the host, so reading them is no synchronisation.
 This backend reads the number of valid rows ``n`` (the last offset) and works on exactly those

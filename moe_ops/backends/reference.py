@@ -17,12 +17,12 @@ from torch import Tensor
 
 from moe_ops.backends._elementwise import (
     acc_dtype,
-    group_of_rows,
     activation,
     activation_backward,
     activation_backward_with_output,
     add_expert_bias,
     expert_bias_backward,
+    group_of_rows,
 )
 from moe_ops.ops import fused_composition
 from moe_ops.registry import Backend
