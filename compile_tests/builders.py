@@ -89,11 +89,16 @@ RUN_TS = (1, 300)
 
 @functools.lru_cache(maxsize=None)
 def export(case: Case, strict: bool) -> torch.export.ExportedProgram:
-    """``module_of(case)`` exported with one ``Dim("T")`` shared by dim 0 of the four inputs."""
-    tokens = {0: torch.export.Dim("T")}
-    dynamic_shapes = {"x": tokens, "token_mask": tokens, "weights": tokens, "indices": tokens}
+    """``module_of(case)`` exported with a ``Dim`` per input for dim 0, the README's recipe: the graph
+    binds the four token counts to ``x``'s in ``moe::check_expert_inputs``, so a call whose counts
+    differ reaches its ``ValueError`` (with one shared ``Dim`` the program asserts the equality
+    itself before running: torch's ``AssertionError: Guard failed``)."""
+    dynamic_shapes = {name: {0: torch.export.Dim(f"T_{name}")} for name in INPUT_NAMES}
     return torch.export.export(module_of(case), make_inputs(EXPORT_T, case.dtype), dynamic_shapes=dynamic_shapes,
                                strict=strict)
+
+
+INPUT_NAMES = ("x", "token_mask", "weights", "indices")
 
 
 def make_inputs(T: int, dtype: torch.dtype, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:

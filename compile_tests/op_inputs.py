@@ -41,6 +41,8 @@ def op_samples(scenario: str, dtype: torch.dtype, seed: int = 0) -> Iterator[tup
         return t.to(DEVICE, dtype).requires_grad_()
 
     ops = torch.ops.moe
+    yield ("check_expert_inputs", ops.check_expert_inputs.default,
+           (leaf(T, C), token_mask, leaf(T, K, positive=True), indices, C))
     yield "route", ops.route.default, (indices, token_mask, 0, E)
     yield "route-local_slice", ops.route.default, (indices, token_mask, 1, 1)
     yield "gather", ops.gather.default, (leaf(T, C), row_of_pair, offsets, leaf(T, K, positive=True))

@@ -1,5 +1,5 @@
-"""torch.export of the expert modules, strict and non-strict, with one ``Dim("T")`` shared by the
-four inputs: the graph keeps the ``moe.*`` ops, the token count stays symbolic, and a program
+"""torch.export of the expert modules, strict and non-strict, with a ``Dim`` for the token count of
+each of the four inputs: the graph keeps the ``moe.*`` ops, the token count stays symbolic, and a program
 saved with ``torch.export.save`` loads in a fresh process that imports only ``moe_ops`` and
 matches eager at token counts other than the one it was exported with.
 """
@@ -51,12 +51,13 @@ def test_export_keeps_moe_ops_and_symbolic_tokens(param):
     )
     expected = moe_ops_of_eager(case)
     assert expected["moe.route.default"] == 1, expected  # the recorder sees the custom ops
+    expected["moe.check_expert_inputs.default"] += 1  # traced only: the inputs' check (eagerly plain Python)
     assert moe_ops == expected, "every moe op of the eager forward is one node of the exported graph"
     user_inputs = program.graph_signature.user_inputs
     assert len(user_inputs) == 4, user_inputs
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    token_dims = {str(placeholders[name].meta["val"].shape[0]) for name in user_inputs}
-    assert len(token_dims) == 1 and not token_dims.pop().isdigit(), "dim 0 of the inputs: one symbol, T"
+    token_dims = [str(placeholders[name].meta["val"].shape[0]) for name in user_inputs]
+    assert not any(d.isdigit() for d in token_dims), f"dim 0 of the inputs stays symbolic: {token_dims}"
     for T in RUN_TS:
         with torch.no_grad():
             got = program.module()(*make_inputs(T, case.dtype))

@@ -62,22 +62,26 @@ class TestExpertGraphSnapshots(expecttest.TestCase):
     def test_forward_graph(self):
         self.assertExpectedInline(captured_graphs()["forward"], """\
 primals_2: f32[u0, 16]
-primals_4: b8[u0]
+primals_4: b8[u1]
 primals_6: f32[u0, 2]
-primals_8: i64[u0, 2]
+primals_8: i64[u2, 2]
 primals_9: f32[4, 16, 16]
 primals_10: f32[4, 8, 16]
 primals_11: f32[4, 16]
 primals_12: f32[4, 16]
-route: (i64[2*u0], i64[u0, 2], i64[4], i32[4]) = moe.route.default(primals_8, primals_4, 0, 4)
-getitem: i64[2*u0] = route[0]
-getitem_1: i64[u0, 2] = route[1]
-getitem_3: i32[4] = route[3]
-view: f32[2*u0] = aten.view.default(primals_6, [-1])
-gather: f32[2*u0] = aten.gather.default(view, 0, getitem)
-expert_up: f32[2*u0, 16] = moe.expert_up.default(primals_2, getitem, getitem_1, getitem_3, primals_9, primals_11)
-expert_down: f32[u0, 16] = moe.expert_down.default(expert_up, primals_10, primals_12, gather, getitem, getitem_1, getitem_3, 'swiglu', 1.702, 7.0, 1.0, f32)
-return [expert_down, primals_2, primals_9, primals_10, primals_11, primals_12, getitem, getitem_1, getitem_3, gather, expert_up, u0, u0, u0, 2*u0]""")
+check_expert_inputs: (f32[u0, 2], b8[u0], i64[u0, 2]) = moe.check_expert_inputs.default(primals_2, primals_4, primals_6, primals_8, 16)
+getitem: f32[u0, 2] = check_expert_inputs[0]
+getitem_1: b8[u0] = check_expert_inputs[1]
+getitem_2: i64[u0, 2] = check_expert_inputs[2]
+route: (i64[2*u0], i64[u0, 2], i64[4], i32[4]) = moe.route.default(getitem_2, getitem_1, 0, 4)
+getitem_3: i64[2*u0] = route[0]
+getitem_4: i64[u0, 2] = route[1]
+getitem_6: i32[4] = route[3]
+view: f32[2*u0] = aten.view.default(getitem, [-1])
+gather: f32[2*u0] = aten.gather.default(view, 0, getitem_3)
+expert_up: f32[2*u0, 16] = moe.expert_up.default(primals_2, getitem_3, getitem_4, getitem_6, primals_9, primals_11)
+expert_down: f32[u0, 16] = moe.expert_down.default(expert_up, primals_10, primals_12, gather, getitem_3, getitem_4, getitem_6, 'swiglu', 1.702, 7.0, 1.0, f32)
+return [expert_down, primals_2, primals_9, primals_10, primals_11, primals_12, getitem_3, getitem_4, getitem_6, gather, expert_up, u0, u1, u0, u2, 2*u0]""")
 
     def test_backward_graph(self):
         self.assertExpectedInline(captured_graphs()["backward"], """\
@@ -86,22 +90,22 @@ primals_9: f32[4, 16, 16]
 primals_10: f32[4, 8, 16]
 primals_11: f32[4, 16]
 primals_12: f32[4, 16]
-getitem: i64[2*u0]
-getitem_1: i64[u0, 2]
-getitem_3: i32[4]
+getitem_3: i64[2*u0]
+getitem_4: i64[u0, 2]
+getitem_6: i32[4]
 gather: f32[2*u0]
 expert_up: f32[2*u0, 16]
 tangents_1: f32[u0, 16]
-expert_down_backward: (f32[2*u0, 16], f32[4, 8, 16], f32[4, 16], f32[2*u0]) = moe.expert_down_backward.default(tangents_1, expert_up, primals_10, primals_12, gather, getitem, getitem_1, getitem_3, 'swiglu', 1.702, 7.0, 1.0)
-getitem_4: f32[2*u0, 16] = expert_down_backward[0]
-getitem_5: f32[4, 8, 16] = expert_down_backward[1]
-getitem_6: f32[4, 16] = expert_down_backward[2]
-getitem_7: f32[2*u0] = expert_down_backward[3]
-expert_up_backward: (f32[u0, 16], f32[4, 16, 16], f32[4, 16]) = moe.expert_up_backward.default(getitem_4, primals_2, getitem, getitem_1, getitem_3, primals_9, primals_11)
-getitem_8: f32[u0, 16] = expert_up_backward[0]
-getitem_9: f32[4, 16, 16] = expert_up_backward[1]
-getitem_10: f32[4, 16] = expert_up_backward[2]
-new_zeros: f32[2*u0] = aten.new_zeros.default(getitem_7, [2*u0])
-scatter_add: f32[2*u0] = aten.scatter_add.default(new_zeros, 0, getitem, getitem_7)
+expert_down_backward: (f32[2*u0, 16], f32[4, 8, 16], f32[4, 16], f32[2*u0]) = moe.expert_down_backward.default(tangents_1, expert_up, primals_10, primals_12, gather, getitem_3, getitem_4, getitem_6, 'swiglu', 1.702, 7.0, 1.0)
+getitem_7: f32[2*u0, 16] = expert_down_backward[0]
+getitem_8: f32[4, 8, 16] = expert_down_backward[1]
+getitem_9: f32[4, 16] = expert_down_backward[2]
+getitem_10: f32[2*u0] = expert_down_backward[3]
+expert_up_backward: (f32[u0, 16], f32[4, 16, 16], f32[4, 16]) = moe.expert_up_backward.default(getitem_7, primals_2, getitem_3, getitem_4, getitem_6, primals_9, primals_11)
+getitem_11: f32[u0, 16] = expert_up_backward[0]
+getitem_12: f32[4, 16, 16] = expert_up_backward[1]
+getitem_13: f32[4, 16] = expert_up_backward[2]
+new_zeros: f32[2*u0] = aten.new_zeros.default(getitem_10, [2*u0])
+scatter_add: f32[2*u0] = aten.scatter_add.default(new_zeros, 0, getitem_3, getitem_10)
 view_1: f32[u0, 2] = aten.view.default(scatter_add, [u0, 2])
-return [None, getitem_8, None, None, None, view_1, None, None, getitem_9, getitem_5, getitem_10, getitem_6]""")
+return [None, getitem_11, None, None, None, view_1, None, None, getitem_12, getitem_8, getitem_13, getitem_9]""")

@@ -4,8 +4,9 @@ and backward, against eager), with gradients enabled and float inputs requiring 
 no_grad an op without autograd would pass).  Run on a typical batch, a single token (a size
 that must not specialise) and a batch with nothing routed (every group empty).
 tests/test_opcheck.py covers layouts and devices; this file is about the dynamic/AOT angle.
-The ops checked are the expert block's (``moe_ops.registry.OPS``); ``moe::opaque_forward`` /
-``opaque_backward`` (the wrapper of untraceable modules such as Transformer Engine's) need a
+The ops checked are every op ``moe_ops`` defines but the peer exchange's (``peer_dispatch`` /
+``peer_combine`` need a process group: tests/test_distributed.py opchecks them); ``moe::opaque_forward``
+/ ``opaque_backward`` (the wrapper of untraceable modules such as Transformer Engine's) need a
 registered function and are opchecked by tests/test_opaque_module.py.
 """
 
@@ -14,10 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import moe_ops
+from moe_ops import _library
 from compile_tests.op_inputs import SCENARIOS, op_samples
 
 UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+PEER_OPS = {"peer_dispatch", "peer_combine"}
 PARAMS = [(s, torch.float32) for s in SCENARIOS] + [("typical", torch.bfloat16)]
 
 
@@ -36,5 +38,5 @@ def test_every_op_passes_opcheck(param):
             result = torch.library.opcheck(op, args, test_utils=UTILS, raise_exception=False)
             failures += [f"{name}: {util}: {outcome}" for util, outcome in result.items() if outcome != "SUCCESS"]
     assert not failures, "\n".join(failures)
-    registered = {f"moe::{op}" for op in moe_ops.registry.OPS}
+    registered = {f"moe::{op}" for op in _library.DEFINED if op not in PEER_OPS}
     assert checked == registered, f"ops without an opcheck sample: {sorted(registered - checked)}"

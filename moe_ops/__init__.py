@@ -5,6 +5,7 @@ implementation and an autograd formula; kernels come from the backends in
 :mod:`moe_ops.backends`, chosen per op by :mod:`moe_ops.registry`.
 """
 
+from moe_ops.ops.inputs import check_expert_inputs
 from moe_ops.ops.routing import route
 from moe_ops.ops.permute import gather, combine, pair_dot
 from moe_ops.ops.grouped_mm import clear_tail_, grouped_mm, grouped_mm_wgrad
@@ -20,7 +21,6 @@ from moe_ops.ops.opaque_module import register_function as register_opaque_funct
 from moe_ops import backends as _backends  # noqa: F401  (registers the backends)
 from moe_ops import registry
 from moe_ops.registry import NoBackendError, set_backend, use_backend
-from moe_ops._checks import expert_inputs as check_expert_inputs
 
 __all__ = [
     "route",

@@ -37,6 +37,12 @@ def tensor(
             raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
 
 
+def _value(n):
+    """A size for a message: a symbolic size by the value it has in this trace, where it has one."""
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    return n if hint is None else hint
+
+
 def size(name: str, actual, expected, what: str = "size") -> None:
     if type(actual) is int and type(expected) is int and not torch.compiler.is_dynamo_compiling():
         # eager with plain ints: the cheap check (Dynamo sees a symbolic size as an int here)
@@ -48,7 +54,8 @@ def size(name: str, actual, expected, what: str = "size") -> None:
         # carries none; the ops' fakes, traced next, report the values.
         torch._check(actual == expected)
     else:
-        torch._check_value(actual == expected, lambda: f"{name}: expected {what} {expected}, got {actual}")
+        torch._check_value(actual == expected,
+                           lambda: f"{name}: expected {what} {_value(expected)}, got {_value(actual)}")
 
 
 def between(name: str, actual, low, high, what: str = "size") -> None:
@@ -61,7 +68,7 @@ def between(name: str, actual, low, high, what: str = "size") -> None:
         torch._check(actual >= low)
         torch._check(actual <= high)
     else:
-        message = lambda: f"{name}: expected {what} from {low} to {high}, got {actual}"  # noqa: E731
+        message = lambda: f"{name}: expected {what} from {_value(low)} to {_value(high)}, got {_value(actual)}"  # noqa: E731
         torch._check_value(actual >= low, message)
         torch._check_value(actual <= high, message)
 

@@ -337,7 +337,7 @@ class GroupedExpertsTE(nn.Module):
     def forward(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         """``x [T, D]``, ``token_mask [T]`` bool, ``weights [T, K]``, ``indices [T, K]`` -> ``[T, D]``
         in ``x.dtype``."""
-        moe_ops.check_expert_inputs(x, token_mask, weights, indices, self.config.dim)
+        token_mask, weights, indices = moe_ops.check_expert_inputs(x, token_mask, weights, indices, self.config.dim)
         received = self.token_dispatcher.dispatch(x, token_mask, weights, indices)
         return self.token_dispatcher.combine(self._experts(received), received)
 
