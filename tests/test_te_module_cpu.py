@@ -21,6 +21,7 @@ from moe_modules import GroupedExperts, MoEConfig
 from moe_modules import te as te_module
 from moe_ops.ops import opaque_module
 from te_stand_in import stand_in_engine
+from test_bad_input import assert_same_error_eager_and_fake
 
 E, K, D, I = 5, 2, 8, 6
 DTYPE = torch.float64
@@ -255,13 +256,46 @@ def test_inference_records_nothing():
     torch.testing.assert_close(y, m(x, token_mask, weights, indices).detach())
 
 
-def test_float32_input_against_float64_module_weights_is_cast():
-    cfg = config("swiglu", bias=False)
-    m = te_experts(cfg)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_input_of_another_dtype_than_the_parameters_is_refused(dtype):
+    """As GroupedExperts: no silent cast outside torch.autocast, eagerly and from the fake."""
+    m = te_experts(config("swiglu", bias=False))
     x, token_mask, weights, indices = inputs()
-    y = m(x.detach().float(), token_mask, weights.detach().float(), indices)
-    assert y.dtype == torch.float32
-    torch.testing.assert_close(y, m(x, token_mask, weights, indices).float(), rtol=1e-5, atol=1e-5)
+    args = (x.detach().to(dtype), token_mask, weights.detach(), indices)
+    assert_same_error_eager_and_fake(m, args, TypeError, ["x", "float64", str(dtype).replace("torch.", "")],
+                                     allow_real_params=True)
+
+
+def test_input_of_another_dtype_runs_under_autocast():
+    m = te_experts(config("swiglu", bias=False, dtype=torch.float32))
+    x, token_mask, weights, indices = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x.detach().half(), token_mask, weights.detach(), indices)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+
+
+def test_parameters_on_another_device_than_the_input_are_refused():
+    """Parameters on ``meta`` (not materialised) with CPU input: an error, not uninitialised memory."""
+    with stand_in_engine() as engine:
+        m = te_module.GroupedExpertsTE(config("swiglu", bias=True), device="meta")
+    m.engine = engine
+    x, token_mask, weights, indices = inputs()
+    with pytest.raises(ValueError) as err:
+        m(x.detach(), token_mask, weights.detach(), indices)
+    assert all(s in str(err.value) for s in ("x", "meta", "cpu")), err.value
+
+
+@pytest.mark.parametrize("replace, exc_type, needles", [
+    (dict(x=torch.zeros(7, D + 1, dtype=DTYPE)), ValueError, ["x", str(D), str(D + 1)]),
+    (dict(weights=torch.zeros(6, K, dtype=DTYPE)), ValueError, ["weights", "7", "6"]),
+    (dict(indices=torch.zeros(7, K + 1, dtype=torch.int64)), ValueError, ["indices", str(K), str(K + 1)]),
+    (dict(token_mask=torch.ones(7)), TypeError, ["token_mask", "bool", "float32"]),
+], ids=["x-dim", "weights-T", "indices-K", "mask-dtype"])
+def test_bad_shapes_are_refused_eagerly_and_from_the_fake(replace, exc_type, needles):
+    m = te_experts(config("swiglu", bias=False))
+    args = dict(zip(("x", "token_mask", "weights", "indices"), (t.detach() for t in inputs())))
+    args.update(replace)
+    assert_same_error_eager_and_fake(m, tuple(args.values()), exc_type, needles, allow_real_params=True)
 
 
 def test_deepcopy_gets_its_own_layer():

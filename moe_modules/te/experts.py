@@ -33,11 +33,24 @@ class _TEExperts:
 
     def forward(self, inputs: list[Tensor]) -> moe_ops.OpaqueResult:
         handle, rows, probs, tokens_per_expert, *params = inputs
+        check_rows(rows, params)
         return experts_on_sorted_rows(LAYERS.lookup(handle), rows, probs, tokens_per_expert, params)
 
     def fake(self, inputs: list[Tensor]) -> tuple[Tensor]:
         rows = inputs[1]
+        check_rows(rows, inputs[LEADING_INPUTS:])
         return (torch.empty_like(rows, memory_format=torch.contiguous_format),)
+
+
+def check_rows(rows: Tensor, params: Sequence[Tensor]) -> None:
+    """The module's input (its rows, in ``x``'s dtype) against its parameters, in the op and its fake
+    alike: one device, and one dtype outside ``torch.autocast`` (under it Transformer Engine casts)."""
+    w = params[0]
+    if rows.device != w.device:
+        raise ValueError(f"x: expected device {w.device} (the device of the expert parameters), got {rows.device}")
+    if rows.dtype != w.dtype and not torch.is_autocast_enabled(rows.device.type):
+        raise TypeError(f"x: expected dtype {w.dtype} (the dtype of the expert parameters, or any under "
+                        f"torch.autocast), got {rows.dtype}")
 
 
 LEADING_INPUTS = 4  # handle, rows, probs, tokens_per_expert
@@ -109,8 +122,6 @@ def experts_on_sorted_rows(layer, rows: Tensor, probs: Tensor, tokens_per_expert
     counts = [int(c) for c in tokens_per_expert.tolist()]  # the one host sync: TE wants host splits
     valid, (N, D) = sum(counts), rows.shape
     x, p = rows[:valid], probs[:valid]
-    if x.dtype != w1[0].dtype and not torch.is_autocast_enabled(x.device.type):
-        x = x.to(w1[0].dtype)  # TE requires matching dtypes outside autocast
     align = layer._te.row_alignment()
     split, keep = counts, None
     if valid == 0:
