@@ -13,6 +13,43 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
            "fp32": torch.float32, "float32": torch.float32, "float64": torch.float64}
 
 
+def _dtype(name: str, value) -> torch.dtype:
+    if isinstance(value, str):
+        key = value.replace("torch.", "")
+        if key not in _DTYPES:
+            raise ValueError(f"{name}: expected a floating torch.dtype or one of {sorted(_DTYPES)}, got {value!r}")
+        return _DTYPES[key]
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"{name}: expected a torch.dtype or a str, got {type(value).__name__} {value!r}")
+    if value not in FLOAT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        raise ValueError(f"{name}: expected a floating dtype for the expert parameters ({names}), got {value}")
+    return value
+
+
+def _positive(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def _activation(name: str, value) -> str:
+    check_activation(value, name)
+    return value
+
+
+def _check_at_most(name: str, value: int, bound_name: str, bound: int) -> None:
+    """``value <= bound`` (both already checked positive ints)."""
+    if value > bound:
+        raise ValueError(f"{name}: expected at most {bound_name}={bound}, got {value}")
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FIELD_CHECKS = {"dtype": _dtype, "expert_activation": _activation, "n_routed_experts": _positive,
+                 "n_activated_experts": _positive, "dim": _positive, "moe_inter_dim": _positive}
+_ROUTED_PAIR = ("n_routed_experts", "n_activated_experts")
+
+
 @dataclass(kw_only=True)
 class MoEConfig:
     """Expert-block configuration; field names follow NeMo AutoModel so configs carry over.
@@ -20,7 +57,9 @@ class MoEConfig:
     The expert modules read ``n_routed_experts``, ``n_activated_experts``, ``dim``,
     ``moe_inter_dim``, ``expert_activation``, ``activation_alpha``,
     ``activation_limit``, ``activation_linear_offset``, ``expert_bias`` and ``dtype``;
-    the router fields are kept so a NeMo config constructs unchanged.
+    the router fields are kept so a NeMo config constructs unchanged.  Those the experts read are
+    checked whenever they are set (construction or assignment): positive sizes, at most
+    ``n_routed_experts`` activated, a known activation name, a floating ``dtype`` (or its name).
     """
 
     n_routed_experts: int
@@ -51,22 +90,16 @@ class MoEConfig:
     shared_expert_activation: str = "swiglu"
     force_e_score_correction_bias: bool = False
 
-    def __post_init__(self):
-        if isinstance(self.dtype, str):
-            key = self.dtype.replace("torch.", "")
-            if key not in _DTYPES:
-                raise ValueError(f"dtype: expected a torch.dtype or one of {sorted(_DTYPES)}, got {self.dtype!r}")
-            self.dtype = _DTYPES[key]
-        check_activation(self.expert_activation)
-        for name in ("n_routed_experts", "n_activated_experts", "dim", "moe_inter_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if self.n_activated_experts > self.n_routed_experts:
-            raise ValueError(
-                f"n_activated_experts: expected at most n_routed_experts={self.n_routed_experts}, "
-                f"got {self.n_activated_experts}"
-            )
+    def __setattr__(self, name, value):
+        """The expert fields are checked (and a dtype name resolved) when set, at construction and after."""
+        check = _FIELD_CHECKS.get(name)
+        if check is not None:
+            value = check(name, value)
+            if name in _ROUTED_PAIR and all(hasattr(self, n) for n in _ROUTED_PAIR if n != name):  # the other is set
+                pair = {n: getattr(self, n) for n in _ROUTED_PAIR if n != name} | {name: value}
+                _check_at_most("n_activated_experts", pair["n_activated_experts"], "n_routed_experts",
+                               pair["n_routed_experts"])
+        object.__setattr__(self, name, value)
 
     @property
     def gated(self) -> bool:

@@ -27,6 +27,9 @@ class Activation:
     limit: Optional[float] = 7.0
     linear_offset: float = 1.0
 
+    def __post_init__(self):
+        moe_ops.check_activation(self.kind)
+
     @classmethod
     def from_config(cls, config) -> "Activation":
         return cls(config.expert_activation, config.activation_alpha, config.activation_limit,

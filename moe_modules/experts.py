@@ -29,7 +29,49 @@ def is_gated_activation(activation: str) -> bool:
     return moe_ops.GATED[activation]
 
 
+def _check_tensor(name: str, t, dim: int, like: Optional[Tensor] = None, like_name: str = "x") -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {tuple(t.shape)}")
+    if like is None:
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+        return
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name}: expected dtype {like.dtype} (the dtype of {like_name}), got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device} (the device of {like_name}), got {t.device}")
+
+
+def _check_size(name: str, actual: int, expected: int, what: str) -> None:
+    if actual != expected:
+        raise ValueError(f"{name}: expected {what} {expected}, got {actual}")
+
+
+def _check_whole_expert(kind, x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias) -> None:
+    """``x [N, D]``, ``gate_and_up_proj [D, 2I]`` (``[D, I]`` ungated), ``down_proj [I, D_out]``, biases
+    ``[2I]`` / ``[D_out]``: one floating dtype and one device, else the error names the argument."""
+    _check_tensor("x", x, 2)
+    _check_tensor("gate_and_up_proj", gate_and_up_proj, 2, x)
+    _check_size("gate_and_up_proj", gate_and_up_proj.shape[0], x.shape[1], "rows (dim 0) equal to x's width")
+    up = gate_and_up_proj.shape[1]
+    if moe_ops.GATED[kind] and up % 2:
+        raise ValueError(f"gate_and_up_proj: expected an even number of columns (gate and up) for {kind}, got {up}")
+    _check_tensor("down_proj", down_proj, 2, x)
+    inter = up // 2 if moe_ops.GATED[kind] else up
+    _check_size("down_proj", down_proj.shape[0], inter,
+                f"rows (dim 0) equal to the {kind} output width ({'half ' if moe_ops.GATED[kind] else ''}"
+                f"gate_and_up_proj's columns)")
+    for name, bias, width in (("gate_up_proj_bias", gate_up_proj_bias, up),
+                              ("down_proj_bias", down_proj_bias, down_proj.shape[1])):
+        if bias is not None:
+            _check_tensor(name, bias, 1, x)
+            _check_size(name, bias.shape[0], width, "size")
+
+
 def _whole_expert(kind, x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, **params):
+    _check_whole_expert(kind, x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)
     h = x @ gate_and_up_proj
     if gate_up_proj_bias is not None:
         h = h + gate_up_proj_bias

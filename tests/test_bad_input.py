@@ -238,12 +238,100 @@ def test_unknown_activation_in_config():
     assert_names_activation(err)
 
 
+def test_unknown_activation_assigned_after_construction():
+    cfg = config()
+    with pytest.raises(ValueError) as err:
+        cfg.expert_activation = "gelu"
+    assert_names_activation(err)
+    assert cfg.expert_activation == "swiglu"  # the config keeps its valid value
+
+
+@pytest.mark.parametrize("value", [["swiglu"], None, 3], ids=["list", "None", "int"])
+@pytest.mark.parametrize("when", ["construction", "assignment"])
+def test_activation_of_another_type_is_refused(value, when):
+    with pytest.raises(TypeError) as err:
+        if when == "construction":
+            config(expert_activation=value)
+        else:
+            config().expert_activation = value
+    message = str(err.value)
+    assert "expert_activation" in message and type(value).__name__ in message and repr(value) in message, message
+
+
+@pytest.mark.parametrize("dtype, exc_type", [(torch.int32, ValueError), (torch.float8_e4m3fn, ValueError),
+                                             (torch.bool, ValueError), (5, TypeError), ("int8", ValueError)],
+                         ids=["int32", "float8_e4m3fn", "bool", "int", "int8-name"])
+def test_config_rejects_non_floating_dtypes(dtype, exc_type):
+    with pytest.raises(exc_type) as err:
+        config(dtype=dtype)
+    assert "dtype" in str(err.value) and str(dtype).replace("torch.", "") in str(err.value), err.value
+    cfg = config()
+    with pytest.raises(exc_type):
+        cfg.dtype = dtype  # at assignment too
+    assert cfg.dtype == torch.float32
+
+
+def test_config_checks_sizes_at_assignment():
+    cfg = config()
+    with pytest.raises(ValueError, match="moe_inter_dim"):
+        cfg.moe_inter_dim = 0
+    with pytest.raises(ValueError, match="n_activated_experts") as err:
+        cfg.n_routed_experts = K - 1  # fewer experts than activated
+    assert str(K - 1) in str(err.value)
+    assert (cfg.moe_inter_dim, cfg.n_routed_experts) == (4, E)
+
+
+def test_module_activation_of_unknown_kind_is_refused():
+    from moe_modules.expert_block import Activation
+    with pytest.raises(ValueError) as err:
+        Activation("gelu")
+    assert_names_activation(err)
+
+
 @pytest.mark.parametrize("lookup", [get_expert_activation, get_expert_activation_for_deepep,
                                     lambda c: is_gated_activation(c.expert_activation)],
                          ids=["get_expert_activation", "get_expert_activation_for_deepep", "is_gated_activation"])
 def test_unknown_activation_at_lookup(lookup):
-    cfg = config()
-    cfg.expert_activation = "gelu"  # set after construction: the lookup must still refuse it
+    import types
+    cfg = types.SimpleNamespace(expert_activation="gelu")  # a config-like object that checks nothing itself
     with pytest.raises(ValueError) as err:
         lookup(cfg)
     assert_names_activation(err)
+
+
+# ---- the functional whole-expert helpers ----------------------------------------------------------------
+
+I = 4
+HELPER_CASES = [  # (id, replace, exception, substrings: argument, expected, actual)
+    ("x-dims", dict(x=t(T)), ValueError, ["x", "2-D", "(6,)"]),
+    ("x-dtype", dict(x=t(T, D, dtype=torch.int64)), TypeError, ["x", "floating", "int64"]),
+    ("w1-rows", dict(gate_and_up_proj=t(D - 1, 2 * I)), ValueError, ["gate_and_up_proj", str(D), str(D - 1)]),
+    ("w1-odd", dict(gate_and_up_proj=t(D, 2 * I - 1)), ValueError, ["gate_and_up_proj", "even", str(2 * I - 1)]),
+    ("w1-dtype", dict(gate_and_up_proj=t(D, 2 * I, dtype=torch.float64)), TypeError,
+     ["gate_and_up_proj", "float32", "float64"]),
+    ("w2-rows", dict(down_proj=t(I + 1, D)), ValueError, ["down_proj", str(I), str(I + 1)]),
+    ("w2-dtype", dict(down_proj=t(I, D, dtype=torch.bfloat16)), TypeError, ["down_proj", "float32", "bfloat16"]),
+    ("w2-device", dict(down_proj=meta(t(I, D))), ValueError, ["down_proj", "cpu", "meta"]),
+    ("b1-width", dict(gate_up_proj_bias=t(2 * I + 1)), ValueError, ["gate_up_proj_bias", str(2 * I), str(2 * I + 1)]),
+    ("b2-width", dict(down_proj_bias=t(D - 1)), ValueError, ["down_proj_bias", str(D), str(D - 1)]),
+    ("b2-dims", dict(down_proj_bias=t(1, D)), ValueError, ["down_proj_bias", "1-D", f"(1, {D})"]),
+    ("b2-dtype", dict(down_proj_bias=t(D, dtype=torch.float64)), TypeError, ["down_proj_bias", "float32", "float64"]),
+]
+
+
+@pytest.mark.parametrize("helper", ["swiglu", "quick_geglu"])
+@pytest.mark.parametrize("replace, exc_type, needles", [c[1:] for c in HELPER_CASES], ids=[c[0] for c in HELPER_CASES])
+def test_whole_expert_helper_rejects_bad_input(helper, replace, exc_type, needles):
+    from moe_modules import experts
+    args = dict(x=t(T, D), gate_and_up_proj=t(D, 2 * I), down_proj=t(I, D), gate_up_proj_bias=t(2 * I),
+                down_proj_bias=t(D))
+    args.update(replace)
+    x = args.pop("x")
+    assert_same_error_eager_and_fake(lambda x, kw: getattr(experts, helper)(x, **kw), (x, args), exc_type, needles)
+
+
+def test_relu2_helper_checks_the_ungated_widths():
+    from moe_modules.experts import relu2
+    with pytest.raises(ValueError) as err:
+        relu2(t(T, D), gate_and_up_proj=t(D, I), down_proj=t(2 * I, D))  # a gated down_proj
+    assert all(s in str(err.value) for s in ("down_proj", str(I), str(2 * I))), err.value

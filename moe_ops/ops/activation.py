@@ -30,9 +30,12 @@ from moe_ops.ops.composition_vjp import save_inputs, vjp_of_composition
 GATED = {"swiglu": True, "quick_geglu": True, "relu2": False}
 
 
-def check_activation(name) -> None:
+def check_activation(name, argument: str = "activation") -> None:
+    """Refuse anything but a known activation name: ``TypeError`` for a non-str, else ``ValueError``."""
+    if type(name) is not str:
+        raise TypeError(f"{argument}: expected a str, one of {sorted(GATED)}, got {type(name).__name__} {name!r}")
     if name not in GATED:
-        raise ValueError(f"activation: expected one of {sorted(GATED)}, got {name!r}")
+        raise ValueError(f"{argument}: expected one of {sorted(GATED)}, got {name!r}")
 
 
 def _validate(h: Tensor, probs: Optional[Tensor], kind: str, *params) -> None:
