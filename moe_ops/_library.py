@@ -124,13 +124,32 @@ def _autograd_function(name: str, run: Callable, backward: Callable, setup_conte
         return output
 
     def grads(ctx, *grad_outputs):
-        result = backward(ctx, *grad_outputs)
+        result = backward(ctx, *grad_outputs)  # under the forward's use_backend layers (see _with_layers)
         result = result if isinstance(result, tuple) else (result,)
         n = ctx.moe_num_inputs  # one gradient per argument passed (the formula may cover defaulted ones too)
         return result[:n] + (None,) * (n - len(result))
 
     return type(f"{name}_function", (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(grads)})
+
+
+def _with_layers(setup_context: Optional[Callable], backward: Callable) -> tuple[Callable, Callable]:
+    """The autograd formula with the forward's ``use_backend`` layers kept on ``ctx`` and in force for its
+    backward, which autograd may run in another thread (a CUDA device's); a forward with none leaves the
+    backward to the layers of the thread running it."""
+
+    def setup(ctx, inputs, output):
+        ctx.moe_layers = registry.current_layers()
+        if setup_context is not None:
+            setup_context(ctx, inputs, output)
+
+    def run_backward(ctx, *grads):
+        if not ctx.moe_layers:
+            return backward(ctx, *grads)
+        with registry.layers_of(ctx.moe_layers):
+            return backward(ctx, *grads)
+
+    return setup, run_backward
 
 
 def define(
@@ -176,6 +195,7 @@ def define(
     torch.library.register_fake(qualname, fake_kernel, lib=LIB)
     function = None
     if backward is not None:
+        setup_context, backward = _with_layers(setup_context, backward)
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=LIB)
         function = _autograd_function(name, impl, backward, setup_context)
     op = DEFINED[name] = Op(getattr(getattr(torch.ops, NAMESPACE), name).default, impl, run, function)

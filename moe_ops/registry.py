@@ -17,15 +17,17 @@ GEMMs) or for every op:
 * environment:  ``MOE_OPS_BACKEND=reference``, ``MOE_OPS_BACKEND=gemm=triton`` or
                 ``MOE_OPS_BACKEND=grouped_mm=reference,combine=triton``
 
-Precedence: context manager (innermost first; it belongs to its thread), then
-``set_backend``, then the environment (both process-wide); within one of them,
+Precedence: context manager (innermost first; it belongs to its thread or asyncio task, and an op's
+backward runs under its forward's), then ``set_backend``, then the environment (both process-wide:
+the configuration, seen by autograd's device threads too); within one of them,
 the op's own key, then its family, then every op.  Forcing every op applies
 only to the ops that backend has a kernel for (the others keep their choice);
 forcing an op or family on a backend without its kernel raises ValueError at
 once.  A forced backend that cannot take the inputs raises rather than falling
 back, and when no backend can, the error lists every backend with its reasons.
 The choice is made each time an op runs, so a compiled graph follows the
-current setting without recompiling.
+current setting without recompiling; ``use_backend`` / ``set_backend`` inside a compiled region
+raise (Dynamo reports the reason) rather than hold only while tracing.
 
 The choice is cached (this is every op call's path): the key is the op, the forced backend, each
 backend's run-time ``state()`` and :func:`input_key` of the arguments — everything the backends'
@@ -36,8 +38,9 @@ only then is the :class:`Inputs` record built.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import os
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -146,16 +149,10 @@ _op_priorities: dict[str, dict[str, int]] = {}  # backend -> {op: priority overr
 _api_choice: dict[str, str] = {}  # set_backend: process-wide
 
 
-class _Contexts(threading.local):
-    """``use_backend``'s layers, one stack per thread (innermost last)."""
-
-    def __init__(self):  # runs once in each thread that reads it: the attribute is always there (fast)
-        self.stack: list[dict[str, str]] = []
-
-
-_contexts = _Contexts()
-_open_contexts = [0]  # open use_backend blocks in all threads: the hot path reads no thread-local while 0
-_open_lock = threading.Lock()
+# use_backend's open blocks in this context (a thread, an asyncio task), innermost last; each block's layer
+# is its own object, removed by identity when the block exits, so blocks may exit in any order.
+_layers: contextvars.ContextVar[tuple[dict[str, str], ...]] = contextvars.ContextVar("moe_ops_use_backend",
+                                                                                     default=())
 _env_cache: tuple[Optional[str], dict[str, str]] = (None, {})
 _order_cache: dict[str, list[str]] = {}
 _choice_cache: dict[tuple, Backend] = {}
@@ -239,11 +236,11 @@ def forced_backend(op: str) -> Optional[str]:
     Per layer (innermost context first, then ``set_backend``, then the environment): the op's own key,
     then its family's, then every op's — that last only where the backend has a kernel for ``op``."""
     env = _env_choice()
-    if not (_open_contexts[0] or _api_choice or env):  # the usual case: nothing forced
+    layers = _layers.get()
+    if not (layers or _api_choice or env):  # the usual case: nothing forced
         return None
-    stack = _contexts.stack
     family = _FAMILY_OF.get(op)
-    for layer in (*reversed(stack), _api_choice, env):
+    for layer in (*reversed(layers), _api_choice, env):
         if op in layer:
             return layer[op]
         if family in layer:
@@ -254,9 +251,24 @@ def forced_backend(op: str) -> Optional[str]:
     return None
 
 
+def _refuse_under_compile(what: str) -> None:
+    raise RuntimeError(f"{what} cannot run inside a torch.compile region (it would hold only while tracing): "
+                       "call it around the compiled call; the ops read it each time they run, without recompiling")
+
+
+_refuse_compiled_use = torch.compiler.disable(
+    functools.partial(_refuse_under_compile, "moe_ops.use_backend"),
+    reason="moe_ops.use_backend cannot run inside a torch.compile region: enter it around the compiled call")
+_refuse_compiled_set = torch.compiler.disable(
+    functools.partial(_refuse_under_compile, "moe_ops.set_backend"),
+    reason="moe_ops.set_backend cannot run inside a torch.compile region: call it before the compiled call")
+
+
 def set_backend(backend: Optional[str], op: Optional[str] = None) -> None:
     """Force ``backend`` for ``op`` — an op, a family of :data:`FAMILIES` (``"gemm"``) or, when None, every op
     the backend has a kernel for — in every thread; ``backend=None`` restores the default for that key."""
+    if torch.compiler.is_compiling():
+        _refuse_compiled_set()
     key = op or ALL_OPS
     if backend is None:
         _api_choice.pop(key, None)
@@ -267,24 +279,38 @@ def set_backend(backend: Optional[str], op: Optional[str] = None) -> None:
 
 @contextlib.contextmanager
 def use_backend(backend: Optional[str] = None, **per_op: str) -> Iterator[None]:
-    """Force a backend, in this thread, inside the block: for every op it has a kernel for
-    (``use_backend("reference")``), per op (``use_backend(grouped_mm="torch")``) or per family
-    (``use_backend(gemm="triton")``: every op of ``FAMILIES["gemm"]``)."""
+    """Force a backend inside the block, in this thread (this context: an asyncio task has its own): for
+    every op it has a kernel for (``use_backend("reference")``), per op (``use_backend(grouped_mm="torch")``)
+    or per family (``use_backend(gemm="triton")``: every op of ``FAMILIES["gemm"]``).  Blocks may exit in any
+    order (each removes its own layer); the backward of an op run inside the block runs under the same
+    layers, in whatever thread autograd runs it.  Refused inside a torch.compile region."""
+    if torch.compiler.is_compiling():
+        _refuse_compiled_use()
     layer = dict(per_op)
     if backend is not None:
         layer[ALL_OPS] = backend
     for op, name in layer.items():
         _check_choice(op, name, "use_backend")
-    stack = _contexts.stack  # this thread's
-    stack.append(layer)
-    with _open_lock:
-        _open_contexts[0] += 1
+    _layers.set(_layers.get() + (layer,))
     try:
         yield
     finally:
-        stack.pop()
-        with _open_lock:
-            _open_contexts[0] -= 1
+        _layers.set(tuple(x for x in _layers.get() if x is not layer))
+
+
+def current_layers() -> tuple:
+    """This context's open ``use_backend`` layers (for an op's backward to run under its forward's)."""
+    return _layers.get()
+
+
+@contextlib.contextmanager
+def layers_of(layers: tuple) -> Iterator[None]:
+    """Run the block under ``layers`` (from :func:`current_layers`) instead of this context's own."""
+    token = _layers.set(layers)
+    try:
+        yield
+    finally:
+        _layers.reset(token)
 
 
 def _report(op: str, reasons: Mapping[str, Sequence[str]]) -> str:
