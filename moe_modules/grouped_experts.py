@@ -68,7 +68,7 @@ class GroupedExpertsDeepEP(_StackedExperts):
         """All-to-all dispatch / combine over ``ep_mesh`` (NeMo's entry point; :func:`moe_modules.apply_ep`
         also shards the parameters): the options as for ``apply_ep``."""
         self.use_dispatcher(make_dispatcher(ep_mesh, self.n_routed_experts, max_tokens_per_rank=max_tokens_per_rank,
-                                            use_deep_ep=use_deep_ep))
+                                            use_deep_ep=use_deep_ep, activation=self.config.expert_activation))
 
     @staticmethod
     def _apply_bias(value: Tensor, bias: Optional[Tensor], tokens_per_expert: Tensor, permuted_probs=None) -> Tensor:

@@ -388,14 +388,14 @@ def worker(rank: int, world_size: int, directory: str) -> None:
 # ---- what every worker script shares (this one, ep_deep_ep_cases.py, test_deep_ep_stand_in.py) ----
 
 
-def join_gloo(rank: int, world_size: int, directory: str) -> None:
+def join_gloo(rank: int, world_size: int, directory: str, timeout_s: float = GLOO_TIMEOUT_S) -> None:
     """One thread, and the gloo group of ``world_size`` ranks (file rendezvous in ``directory``, so no
-    port can clash; collectives time out after ``GLOO_TIMEOUT_S``)."""
+    port can clash; collectives time out after ``timeout_s``)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="file://" + os.path.join(directory, "rendezvous"), rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=GLOO_TIMEOUT_S))
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
 
 
 def save_and_exit(results, rank: int, directory: str) -> None:

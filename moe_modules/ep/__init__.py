@@ -60,8 +60,10 @@ def _transport(default: str, transport: Optional[str], max_tokens_per_rank: Opti
 
 def make_dispatcher(ep_mesh, n_routed_experts: int, *, default: str = "all_to_all",
                     transport: Optional[str] = None, reduce_dtype: Optional[torch.dtype] = torch.float32,
-                    max_tokens_per_rank: Optional[int] = None, use_deep_ep: Optional[bool] = None) -> Dispatcher:
-    """The dispatcher :func:`apply_ep`'s options name (``default``: the module's own transport)."""
+                    max_tokens_per_rank: Optional[int] = None, use_deep_ep: Optional[bool] = None,
+                    activation: Optional[str] = None) -> Dispatcher:
+    """The dispatcher :func:`apply_ep`'s options name (``default``: the module's own transport);
+    ``activation``: the module's, part of the call signature the ranks check (``ep.signature``)."""
     if ep_mesh.ndim != 1:
         raise ValueError(f"ep_mesh: expected a 1-D DeviceMesh (e.g. mesh['ep']), "
                          f"got a {ep_mesh.ndim}-D mesh of shape {tuple(ep_mesh.shape)}")
@@ -70,10 +72,11 @@ def make_dispatcher(ep_mesh, n_routed_experts: int, *, default: str = "all_to_al
     if kind == "peer":
         return PeerDispatcher(ep_mesh, n_routed_experts, max_tokens_per_rank, reduce_dtype)
     if kind == "deep_ep":
-        return DeepEPDispatcher(ep_mesh, n_routed_experts, reduce_dtype, require=bool(use_deep_ep))
+        return DeepEPDispatcher(ep_mesh, n_routed_experts, reduce_dtype, require=bool(use_deep_ep),
+                                activation=activation)
     if kind == "all_to_all":
-        return AllToAllDispatcher(ep_mesh, n_routed_experts, reduce_dtype)
-    return AllGatherDispatcher(ep_mesh, n_routed_experts, reduce_dtype)
+        return AllToAllDispatcher(ep_mesh, n_routed_experts, reduce_dtype, activation)
+    return AllGatherDispatcher(ep_mesh, n_routed_experts, reduce_dtype, activation)
 
 
 def apply_ep(module: nn.Module, ep_mesh, *, transport: Optional[str] = None,
@@ -111,7 +114,8 @@ def apply_ep(module: nn.Module, ep_mesh, *, transport: Optional[str] = None,
 
     dispatcher = make_dispatcher(ep_mesh, module.config.n_routed_experts, default=module.default_transport,
                                  transport=transport, reduce_dtype=reduce_dtype,
-                                 max_tokens_per_rank=max_tokens_per_rank, use_deep_ep=use_deep_ep)
+                                 max_tokens_per_rank=max_tokens_per_rank, use_deep_ep=use_deep_ep,
+                                 activation=module.config.expert_activation)
     for name in PARAM_NAMES:
         if isinstance(getattr(module, name), DTensor):
             raise ValueError(f"{name}: expected a plain tensor, got a DTensor (apply_ep was already applied)")

@@ -5,8 +5,9 @@ other ranks' pairs contribute 0), and a reduce-scatter sums the partial outputs 
 float32 by default — after which each rank keeps its own tokens and rounds once to ``x.dtype``.  A
 parameter shard's gradient then sums every rank's tokens without any extra reduction.
 
-Uneven token counts: ranks pad to the group's largest ``T`` (one all-reduce MAX, read on the host)
-with tokens whose indices are -1, which every op treats as not routed.  A rank with ``T = 0`` still
+Uneven token counts: ranks pad to the group's largest ``T`` (one all-gather of every rank's count and
+call signature, read on the host; under torch.compile an all-reduce MAX of the counts) with tokens
+whose indices are -1, which every op treats as not routed.  A rank with ``T = 0`` still
 takes part in every collective, forward and backward.
 """
 
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from moe_modules.ep import _comm as comm
 from moe_modules.ep.dispatcher import Received, experts_per_rank, local_ids
+from moe_modules.ep.signature import SIZE, CallSignature, check
 
 
 def max_tokens(num_tokens: int, device: torch.device, group) -> int:
@@ -30,18 +32,38 @@ def max_tokens(num_tokens: int, device: torch.device, group) -> int:
     return largest
 
 
+def max_tokens_checked(num_tokens: int, values: list[int], signature: CallSignature, device: torch.device,
+                       group) -> int:
+    """:func:`max_tokens` by an all-gather of every rank's count and call signature (eager), which
+    raises on every rank when the signatures differ (:mod:`moe_modules.ep.signature`)."""
+    mine = torch.tensor([num_tokens, *values], dtype=torch.int64, device=device)
+    try:
+        gathered = comm.host_ints(comm.all_gather(mine, 0, group))
+    except RuntimeError as e:
+        raise signature.failed(e) from e
+    per_rank = [gathered[i:i + 1 + SIZE] for i in range(0, len(gathered), 1 + SIZE)]
+    check([r[1:] for r in per_rank])
+    return max(r[0] for r in per_rank)
+
+
 class AllGatherDispatcher:
     """All-gather the group's tokens in, reduce-scatter the partial outputs home."""
 
-    def __init__(self, ep_mesh, n_routed_experts: int, reduce_dtype: Optional[torch.dtype] = torch.float32):
+    def __init__(self, ep_mesh, n_routed_experts: int, reduce_dtype: Optional[torch.dtype] = torch.float32,
+                 activation: Optional[str] = None):
         self.experts_per_rank = experts_per_rank(ep_mesh, n_routed_experts)
         self.ep_mesh = ep_mesh
         self.reduce_dtype = reduce_dtype
+        self.signature = CallSignature(n_routed_experts, activation)
 
     def dispatch(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Received:
         group = self.ep_mesh.get_group()
         T = x.shape[0]
-        pad = max_tokens(T, x.device, group) - T
+        if torch.compiler.is_compiling():
+            largest = max_tokens(T, x.device, group)
+        else:
+            largest = max_tokens_checked(T, self.signature.next(x, weights, indices), self.signature, x.device, group)
+        pad = largest - T
         # The mask travels inside the indices (-1: not routed); padding rows are not routed either.
         routed_TK = torch.where(token_mask.unsqueeze(1), indices, -1)
         x_all = comm.all_gather_autograd(F.pad(x, (0, 0, 0, pad)), 0, group)
@@ -54,5 +76,10 @@ class AllGatherDispatcher:
 
     def combine(self, partial: Tensor, received: Received) -> Tensor:
         T, x_dtype = received.state
-        y_pad = comm.reduce_scatter_autograd(partial, "sum", 0, self.ep_mesh.get_group())
-        return y_pad[:T].to(x_dtype)
+        try:
+            y_pad = comm.reduce_scatter_autograd(partial, "sum", 0, self.ep_mesh.get_group())
+            return y_pad[:T].to(x_dtype)  # eagerly a failed collective surfaces at the first use: here
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            raise self.signature.failed(e) from e

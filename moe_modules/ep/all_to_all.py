@@ -8,7 +8,7 @@ experts per rank; rank ``r`` owns experts ``r*E_local ... (r+1)*E_local - 1``):
 1. The (token, destination rank) pairs are laid out by rank, tokens in order within a rank;
    masked tokens and ranks a token has no expert on go past the end and are never sent.
 2. Counts first: an all-to-all of ``[ep_size, 2]`` counts (rows, and (token, expert) pairs, per
-   destination).  The split sizes and the number of received pairs are read on the host: the one
+   destination), eagerly with the call's signature (:mod:`moe_modules.ep.signature`) beside them.  The split sizes and the number of received pairs are read on the host: the one
    device->host sync of the forward (``all_to_all_single`` needs host split sizes).
 3. Dispatch: ``moe.gather`` writes the rows in send order (exactly the rows sent, no padding), and
    two all-to-alls carry them and, per row, the token's K routing weights with its K expert ids
@@ -37,6 +37,7 @@ from torch import Tensor
 import moe_ops
 from moe_modules.ep import _comm as comm
 from moe_modules.ep.dispatcher import Received, experts_per_rank, local_ids
+from moe_modules.ep.signature import SIZE, CallSignature, check
 
 
 class _Sent(NamedTuple):
@@ -78,12 +79,14 @@ def metadata_dtype(weights: Tensor) -> torch.dtype:
 class AllToAllDispatcher:
     """Each routed token goes once to every rank that owns one of its experts; partial rows come home."""
 
-    def __init__(self, ep_mesh, n_routed_experts: int, reduce_dtype: Optional[torch.dtype] = torch.float32):
+    def __init__(self, ep_mesh, n_routed_experts: int, reduce_dtype: Optional[torch.dtype] = torch.float32,
+                 activation: Optional[str] = None):
         self.experts_per_rank = experts_per_rank(ep_mesh, n_routed_experts)
         self.ep_mesh = ep_mesh
         self.ep_size = ep_mesh.size()
         self.num_experts = n_routed_experts
         self.reduce_dtype = reduce_dtype
+        self.signature = CallSignature(n_routed_experts, activation)
 
     def _send_layout(self, token_mask: Tensor, indices: Tensor):
         """Where each (token, destination rank) pair goes in the send buffer: by rank, tokens in order
@@ -97,9 +100,11 @@ class AllToAllDispatcher:
         _, (pair_of_row, row_of_pair, rows_per_rank, offsets) = route_to_ranks(on_rank_TKR, token_mask)
         return row_of_pair, offsets, pair_of_row, rows_per_rank, on_rank_TKR.sum((0, 1))
 
-    def dispatch(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Received:
+    def dispatch(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor,
+                 signed: bool = True) -> Received:
         """Send each routed token once to every rank that owns one of its experts, with its weights
-        and its expert ids local to that rank."""
+        and its expert ids local to that rank.  ``signed=False``: the caller exchanged this call's
+        signature already (the DeepEP dispatcher, before choosing its path)."""
         group = self.ep_mesh.get_group()
         T, K = indices.shape
         ep = self.ep_size
@@ -113,10 +118,25 @@ class AllToAllDispatcher:
         meta_dtype = metadata_dtype(weights)
         meta_all = torch.cat([weights.index_select(0, token_of_row).to(meta_dtype), local.to(meta_dtype)], 1)
 
-        # Counts first: [rows, pairs] per destination; every rank learns what it will receive.
-        recv_counts = comm.all_to_all(torch.stack([rows_per_rank, pairs_per_rank], 1), None, None, group)
-        counts = comm.host_ints(torch.cat([rows_per_rank, recv_counts[:, 0], recv_counts[:, 1].sum(0, True)]))
-        send_splits, recv_splits, num_local_pairs = counts[:ep], counts[ep:2 * ep], counts[-1]
+        # Counts first: [rows, pairs] per destination, and eagerly this call's signature; every rank learns
+        # what it will receive (and every rank's signature, checked before any row moves).
+        counts_send = torch.stack([rows_per_rank, pairs_per_rank], 1)
+        values = None if torch.compiler.is_compiling() or not signed else self.signature.next(x, weights, indices)
+        if values is not None:
+            mine = torch.tensor(values, dtype=torch.int64, device=x.device)
+            counts_send = torch.cat([counts_send, mine.expand(ep, SIZE)], 1)
+        try:
+            recv_counts = comm.all_to_all(counts_send, None, None, group)
+            counts = comm.host_ints(torch.cat([rows_per_rank, recv_counts[:, 0], recv_counts[:, 1].sum(0, True),
+                                               recv_counts[:, 2:].reshape(-1)]))
+        except RuntimeError as e:
+            if values is None:
+                raise
+            raise self.signature.failed(e) from e
+        if values is not None:
+            received = counts[2 * ep + 1:]
+            check([received[r * SIZE:(r + 1) * SIZE] for r in range(ep)])
+        send_splits, recv_splits, num_local_pairs = counts[:ep], counts[ep:2 * ep], counts[2 * ep]
         n_send = sum(send_splits)
         torch._check(n_send <= T * ep)
         torch._check(num_local_pairs <= sum(recv_splits) * K)
@@ -133,5 +153,10 @@ class AllToAllDispatcher:
         """Bring each received row's partial output home and sum a token's per-rank partials (float32,
         rank order) -> ``[T, D]`` in ``x.dtype``."""
         sent = received.state
-        home = comm.all_to_all_autograd(partial, sent.send_splits, sent.recv_splits, self.ep_mesh.get_group())
+        try:
+            home = comm.all_to_all_autograd(partial, sent.send_splits, sent.recv_splits, self.ep_mesh.get_group())
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            raise self.signature.failed(e) from e
         return moe_ops.combine(home, sent.row_of_pair, sent.offsets).to(sent.x_dtype)

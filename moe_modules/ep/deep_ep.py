@@ -20,6 +20,9 @@ call otherwise takes the all-to-all path, or raises the reasons when ``apply_ep(
   and are not used.
 
 DeepEP reads its received-token count on the host, as our all-to-all path does: one sync per forward.
+Before it, eagerly, the ranks all-gather their call signatures (:mod:`moe_modules.ep.signature`) and
+read them on the host, so that they agree before each picks DeepEP or the fallback: one more small
+collective and host read per forward than the fallback has.
 The package is imported on first use only (never at import time).
 """
 
@@ -33,8 +36,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moe_modules.ep import _comm as comm
 from moe_modules.ep.all_to_all import AllToAllDispatcher
 from moe_modules.ep.dispatcher import Received
+from moe_modules.ep.signature import SIZE, check
 
 DEEP_EP_DTYPES = (torch.bfloat16,)
 DEEP_EP_DEVICE_TYPES = ("cuda",)  # the CPU tests widen this for their gloo stand-in of the package
@@ -144,22 +149,34 @@ class DeepEPDispatcher:
     path (or, with ``require``, an error listing why)."""
 
     def __init__(self, ep_mesh, n_routed_experts: int, reduce_dtype: Optional[torch.dtype] = torch.float32,
-                 require: bool = False):
+                 require: bool = False, activation: Optional[str] = None):
         importlib.import_module("deep_ep")  # now, not per call: the per-call check then finds it in sys.modules
-        self.fallback = AllToAllDispatcher(ep_mesh, n_routed_experts, reduce_dtype)
+        self.fallback = AllToAllDispatcher(ep_mesh, n_routed_experts, reduce_dtype, activation)
+        self.signature = self.fallback.signature  # one call count, whichever path a call takes
         self.ep_mesh, self.ep_size = ep_mesh, ep_mesh.size()
         self.num_experts, self.reduce_dtype, self.require = n_routed_experts, reduce_dtype, require
         self.experts_per_rank = self.fallback.experts_per_rank
 
     def dispatch(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Received:
+        group = self.ep_mesh.get_group()
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            # The ranks must agree before each picks a path (a rank on DeepEP and one on the fallback would
+            # wait on each other's collectives): one all-gather of the signatures, one host read.
+            values = self.signature.next(x, weights, indices)
+            try:
+                gathered = comm.host_ints(comm.all_gather(torch.tensor(values, dtype=torch.int64, device=x.device),
+                                                          0, group))
+            except RuntimeError as e:
+                raise self.signature.failed(e) from e
+            check([gathered[r * SIZE:(r + 1) * SIZE] for r in range(self.ep_size)])
         reasons = deep_ep_not_supported_reasons(x, indices.shape[1], self.reduce_dtype, self.ep_size,
                                                 self.experts_per_rank)
         if reasons:
             if self.require:
                 raise NotImplementedError("apply_ep(use_deep_ep=True): DeepEP's buffers cannot run this call:\n"
                                           + "\n".join(f"  - {r}" for r in reasons))
-            return self.fallback.dispatch(x, token_mask, weights, indices)
-        group = self.ep_mesh.get_group()
+            return self.fallback.dispatch(x, token_mask, weights, indices, signed=False)
         D = x.shape[1]
         state = _Handle(_buffer_for(group, self.ep_size, D * max(x.element_size(), 2), x.device))
         idx = indices.long()

@@ -309,7 +309,7 @@ class GroupedExpertsTE(nn.Module):
         """Expert parallelism over the 1-D ``ep_mesh``: this rank keeps experts
         ``rank * E/ep_size ...`` and tokens move by all-to-all dispatch / combine."""
         self._shard_to(ep_mesh)
-        self.use_dispatcher(make_dispatcher(ep_mesh, self.n_routed_experts))
+        self.use_dispatcher(make_dispatcher(ep_mesh, self.n_routed_experts, activation=self.config.expert_activation))
         if moe_mesh is not None:
             self.moe_mesh = moe_mesh
 
