@@ -27,7 +27,8 @@ once.  A forced backend that cannot take the inputs raises rather than falling
 back, and when no backend can, the error lists every backend with its reasons.
 The choice is made each time an op runs, so a compiled graph follows the
 current setting without recompiling; ``use_backend`` / ``set_backend`` inside a compiled region
-raise (Dynamo reports the reason) rather than hold only while tracing.
+raise (under ``fullgraph=True``; with graph breaks allowed Dynamo runs that frame eagerly, where they
+hold) rather than hold only while tracing.
 
 The choice is cached (this is every op call's path): the key is the op, the forced backend, each
 backend's run-time ``state()`` and :func:`input_key` of the arguments — everything the backends'
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator, Mapping, Optional, Sequence, Union
@@ -252,23 +252,17 @@ def forced_backend(op: str) -> Optional[str]:
 
 
 def _refuse_under_compile(what: str) -> None:
+    """Called only while Dynamo traces: with ``fullgraph=True`` its error carries this message; with graph
+    breaks allowed Dynamo runs the frame eagerly, where the override holds."""
     raise RuntimeError(f"{what} cannot run inside a torch.compile region (it would hold only while tracing): "
                        "call it around the compiled call; the ops read it each time they run, without recompiling")
-
-
-_refuse_compiled_use = torch.compiler.disable(
-    functools.partial(_refuse_under_compile, "moe_ops.use_backend"),
-    reason="moe_ops.use_backend cannot run inside a torch.compile region: enter it around the compiled call")
-_refuse_compiled_set = torch.compiler.disable(
-    functools.partial(_refuse_under_compile, "moe_ops.set_backend"),
-    reason="moe_ops.set_backend cannot run inside a torch.compile region: call it before the compiled call")
 
 
 def set_backend(backend: Optional[str], op: Optional[str] = None) -> None:
     """Force ``backend`` for ``op`` — an op, a family of :data:`FAMILIES` (``"gemm"``) or, when None, every op
     the backend has a kernel for — in every thread; ``backend=None`` restores the default for that key."""
     if torch.compiler.is_compiling():
-        _refuse_compiled_set()
+        _refuse_under_compile("moe_ops.set_backend")
     key = op or ALL_OPS
     if backend is None:
         _api_choice.pop(key, None)
@@ -285,7 +279,7 @@ def use_backend(backend: Optional[str] = None, **per_op: str) -> Iterator[None]:
     order (each removes its own layer); the backward of an op run inside the block runs under the same
     layers, in whatever thread autograd runs it.  Refused inside a torch.compile region."""
     if torch.compiler.is_compiling():
-        _refuse_compiled_use()
+        _refuse_under_compile("moe_ops.use_backend")
     layer = dict(per_op)
     if backend is not None:
         layer[ALL_OPS] = backend

@@ -19,10 +19,15 @@ import ep_cases
 
 E, K, D, I = 4, 2, 8, 6
 GLOO_TIMEOUT_S = 20  # a rank left waiting fails after this
-TRANSPORTS = ("all_gather", "all_to_all")
+TRANSPORTS = ("all_gather", "all_to_all", "peer")
+CAPACITY = 40  # the peer transport's max_tokens_per_rank: the most tokens a scenario gives a rank
+OPTIONS = {"all_gather": {"transport": "all_gather"}, "all_to_all": {"transport": "all_to_all"},
+           "peer": {"max_tokens_per_rank": CAPACITY}}
 # Scenarios that leave every rank in step run first, one world for all of them; each fault that leaves
 # the ranks out of step ends its world.
 IN_STEP = ("K", "x_dtype", "weights_dtype", "D", "zero_and_many", "raise_then_retry")
+# The peer transport checks once per shape (no host exchange per call): the calling-order faults are
+# the caller's contract there.
 WORLDS = {
     "in_step": [(s, t) for t in TRANSPORTS for s in IN_STEP] + [("forward_twice", "all_gather")],
     "forward_twice_all_to_all": [("forward_twice", "all_to_all")],
@@ -46,7 +51,7 @@ def modules(transport: str, mesh, layers: int = 1):
         torch.manual_seed(100 + layer)
         full = moe_modules.GroupedExperts(config())
         full.init_weights(torch.device("cpu"), init_std=0.5)
-        pairs.append((moe_modules.apply_ep(copy.deepcopy(full), mesh, transport=transport), full))
+        pairs.append((moe_modules.apply_ep(copy.deepcopy(full), mesh, **OPTIONS[transport]), full))
     return pairs
 
 
@@ -69,7 +74,7 @@ def run(scenario: str, transport: str, mesh, rank: int, world_size: int):
     if scenario == "D":  # a dispatcher alone: a module's own check would refuse the width before any exchange
         from moe_modules.ep import make_dispatcher
 
-        dispatcher = make_dispatcher(mesh, E, transport=transport)
+        dispatcher = make_dispatcher(mesh, E, **OPTIONS[transport])
         dispatcher.dispatch(*inputs(5, rank, dim=D + 1 if faulty else D))
         return "no error"
     ((module, full),) = modules(transport, mesh)
@@ -80,7 +85,7 @@ def run(scenario: str, transport: str, mesh, rank: int, world_size: int):
     if scenario == "weights_dtype":
         return error_against(module, full, inputs(5, rank, weights_dtype=torch.float64 if faulty else torch.float32))
     if scenario == "zero_and_many":
-        return error_against(module, full, inputs({0: 0, world_size - 1: 40}.get(rank, 3), rank))
+        return error_against(module, full, inputs({0: 0, world_size - 1: CAPACITY}.get(rank, 3), rank))
     if scenario == "raise_then_retry":
         if faulty:
             x, token_mask, weights, indices = inputs(5, rank)

@@ -70,7 +70,7 @@ def make_dispatcher(ep_mesh, n_routed_experts: int, *, default: str = "all_to_al
     experts_per_rank(ep_mesh, n_routed_experts)  # raises when they do not divide
     kind = _transport(default, transport, max_tokens_per_rank, use_deep_ep)
     if kind == "peer":
-        return PeerDispatcher(ep_mesh, n_routed_experts, max_tokens_per_rank, reduce_dtype)
+        return PeerDispatcher(ep_mesh, n_routed_experts, max_tokens_per_rank, reduce_dtype, activation)
     if kind == "deep_ep":
         return DeepEPDispatcher(ep_mesh, n_routed_experts, reduce_dtype, require=bool(use_deep_ep),
                                 activation=activation)

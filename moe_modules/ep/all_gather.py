@@ -21,7 +21,7 @@ from torch import Tensor
 
 from moe_modules.ep import _comm as comm
 from moe_modules.ep.dispatcher import Received, experts_per_rank, local_ids
-from moe_modules.ep.signature import SIZE, CallSignature, check
+from moe_modules.ep.signature import CallSignature, all_gather_checked
 
 
 def max_tokens(num_tokens: int, device: torch.device, group) -> int:
@@ -30,20 +30,6 @@ def max_tokens(num_tokens: int, device: torch.device, group) -> int:
     (largest,) = comm.host_ints(comm.all_reduce(count, "max", group))
     torch._check(largest >= num_tokens)
     return largest
-
-
-def max_tokens_checked(num_tokens: int, values: list[int], signature: CallSignature, device: torch.device,
-                       group) -> int:
-    """:func:`max_tokens` by an all-gather of every rank's count and call signature (eager), which
-    raises on every rank when the signatures differ (:mod:`moe_modules.ep.signature`)."""
-    mine = torch.tensor([num_tokens, *values], dtype=torch.int64, device=device)
-    try:
-        gathered = comm.host_ints(comm.all_gather(mine, 0, group))
-    except RuntimeError as e:
-        raise signature.failed(e) from e
-    per_rank = [gathered[i:i + 1 + SIZE] for i in range(0, len(gathered), 1 + SIZE)]
-    check([r[1:] for r in per_rank])
-    return max(r[0] for r in per_rank)
 
 
 class AllGatherDispatcher:
@@ -62,7 +48,9 @@ class AllGatherDispatcher:
         if torch.compiler.is_compiling():
             largest = max_tokens(T, x.device, group)
         else:
-            largest = max_tokens_checked(T, self.signature.next(x, weights, indices), self.signature, x.device, group)
+            rows = all_gather_checked(self.signature, self.signature.next(x, weights, indices), x.device, group,
+                                      extra=(T,))
+            largest = max(row[0] for row in rows)
         pad = largest - T
         # The mask travels inside the indices (-1: not routed); padding rows are not routed either.
         routed_TK = torch.where(token_mask.unsqueeze(1), indices, -1)

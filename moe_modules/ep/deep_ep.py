@@ -36,10 +36,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moe_modules.ep import _comm as comm
 from moe_modules.ep.all_to_all import AllToAllDispatcher
 from moe_modules.ep.dispatcher import Received
-from moe_modules.ep.signature import SIZE, check
+from moe_modules.ep.signature import all_gather_checked
 
 DEEP_EP_DTYPES = (torch.bfloat16,)
 DEEP_EP_DEVICE_TYPES = ("cuda",)  # the CPU tests widen this for their gloo stand-in of the package
@@ -163,13 +162,7 @@ class DeepEPDispatcher:
         if not compiling:
             # The ranks must agree before each picks a path (a rank on DeepEP and one on the fallback would
             # wait on each other's collectives): one all-gather of the signatures, one host read.
-            values = self.signature.next(x, weights, indices)
-            try:
-                gathered = comm.host_ints(comm.all_gather(torch.tensor(values, dtype=torch.int64, device=x.device),
-                                                          0, group))
-            except RuntimeError as e:
-                raise self.signature.failed(e) from e
-            check([gathered[r * SIZE:(r + 1) * SIZE] for r in range(self.ep_size)])
+            all_gather_checked(self.signature, self.signature.next(x, weights, indices), x.device, group)
         reasons = deep_ep_not_supported_reasons(x, indices.shape[1], self.reduce_dtype, self.ep_size,
                                                 self.experts_per_rank)
         if reasons:

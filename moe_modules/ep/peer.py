@@ -42,6 +42,7 @@ import moe_ops
 from moe_modules.ep import _comm as comm
 from moe_modules.ep.all_to_all import metadata_dtype, route_to_ranks, slot_on_rank
 from moe_modules.ep.dispatcher import Received, experts_per_rank, local_ids
+from moe_modules.ep.signature import CallSignature, all_gather_checked
 
 MAX_EP = moe_ops.MAX_SOURCES
 
@@ -59,7 +60,7 @@ class PeerDispatcher:
     """Token dispatch and combine through peer memory, with static shapes: ``capacity`` rows per source rank."""
 
     def __init__(self, ep_mesh, n_routed_experts: int, capacity: int,
-                 reduce_dtype: Optional[torch.dtype] = torch.float32):
+                 reduce_dtype: Optional[torch.dtype] = torch.float32, activation: Optional[str] = None):
         self.experts_per_rank = experts_per_rank(ep_mesh, n_routed_experts)
         ep_size = ep_mesh.size()
         if ep_size > MAX_EP:
@@ -74,6 +75,8 @@ class PeerDispatcher:
         self.num_experts = n_routed_experts
         self.capacity = capacity
         self.reduce_dtype = reduce_dtype
+        self.signature = CallSignature(n_routed_experts, activation)
+        self._checked: set = set()  # the shape signatures every rank agreed on
 
     def layout(self, token_mask: Tensor, indices: Tensor) -> PeerLayout:
         """The send layout, on the device: tokens in order within each destination rank."""
@@ -97,6 +100,11 @@ class PeerDispatcher:
         T, K = indices.shape
         if T > self.capacity:
             raise ValueError(f"x: expected at most max_tokens_per_rank={self.capacity} tokens, got {T}")
+        if not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+            values = self.signature.of_shapes(x, weights, indices)
+            if tuple(values) not in self._checked:  # once per shape: no host read on the steady path
+                all_gather_checked(self.signature, values, x.device, self.ep_mesh.get_group())
+                self._checked.add(tuple(values))
         layout = self.layout(token_mask, indices)
         idx = indices.long()
         routed = (idx >= 0) & (idx < self.num_experts)

@@ -14,7 +14,9 @@ collective of the combine (eager all-gather / all-to-all transports).
 
 Traced calls (torch.compile) exchange only the counts: the signature's call number would be a
 constant of the graph.  The peer-memory transport exchanges nothing on the host (its point: no host
-sync); there the agreement stays the caller's contract.
+sync, CUDA-graph replay), so it checks the signature without the call number once per new shape
+(an all-gather and a host read, never inside a CUDA-graph capture); a rank that later changes shape
+alone, or calls a layer more often than the others, stays the caller's contract there.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 import moe_ops
+from moe_modules.ep import _comm as comm
 
 FIELDS = ("layer", "call", "experts per token (K)", "model dim (D)", "x dtype", "weights dtype", "activation",
           "routed experts")
@@ -58,17 +61,38 @@ class CallSignature:
 
     def next(self, x: Tensor, weights: Tensor, indices: Tensor) -> list[int]:
         """This call's signature (and the call number moves on)."""
-        values = [self.layer, self.calls, indices.shape[1], x.shape[1], _dtype_code(x.dtype),
-                  _dtype_code(weights.dtype), self.activation, self.experts]
+        values = self.of_shapes(x, weights, indices)
+        values[1] = self.calls
         self.calls += 1
         return values
 
+    def of_shapes(self, x: Tensor, weights: Tensor, indices: Tensor) -> list[int]:
+        """The signature without the call number (0): what the peer transport checks once per shape."""
+        return [self.layer, 0, indices.shape[1], x.shape[1], _dtype_code(x.dtype), _dtype_code(weights.dtype),
+                self.activation, self.experts]
+
     def failed(self, error: BaseException) -> RuntimeError:
         """The error for a collective of the latest call that failed."""
-        return RuntimeError(f"expert parallel, layer {self.layer} call {self.calls - 1}: the exchange with the other "
+        call = f" call {self.calls - 1}" if self.calls else ""  # the peer transport counts no calls
+        return RuntimeError(f"expert parallel, layer {self.layer}{call}: the exchange with the other "
                             f"ranks failed ({type(error).__name__}: {error}); a rank that raised or exited before "
                             f"it, or that calls this layer more (or fewer) times than the others, leaves the rest "
                             f"waiting")
+
+
+def all_gather_checked(signature: CallSignature, values: list[int], device: torch.device, group,
+                       extra: tuple = ()) -> list[list[int]]:
+    """All-gather ``[*extra, *values]`` of every rank (one host read), check the signatures, and return
+    every rank's row."""
+    mine = torch.tensor([*extra, *values], dtype=torch.int64, device=device)
+    try:
+        flat = comm.host_ints(comm.all_gather(mine, 0, group))
+    except RuntimeError as e:
+        raise signature.failed(e) from e
+    n = mine.numel()
+    rows = [flat[i:i + n] for i in range(0, len(flat), n)]
+    check([row[len(extra):] for row in rows])
+    return rows
 
 
 def check(signatures: list[list[int]]) -> None:
