@@ -32,6 +32,7 @@ WORLDS = {
     "in_step": [(s, t) for t in TRANSPORTS for s in IN_STEP] + [("forward_twice", "all_gather")],
     "forward_twice_all_to_all": [("forward_twice", "all_to_all")],
     "raise_then_exit": [("raise_then_exit", "all_to_all")],
+    "raise_after_dispatch": [("raise_after_dispatch", "all_gather")],
     "forward_twice_then_stop": [("forward_twice_then_stop", "all_gather")],
 }
 
@@ -99,6 +100,15 @@ def run(scenario: str, transport: str, mesh, rank: int, world_size: int):
             x, token_mask, weights, indices = inputs(5, rank)
             module(x, token_mask[:-1], weights, indices)  # raises; the worker saves it and leaves
         return error_against(module, full, inputs(5, rank))
+    if scenario == "raise_after_dispatch":  # the faulty rank's experts raise between dispatch and combine
+        if faulty:
+            import moe_modules.grouped_experts as grouped_experts
+
+            def broken(*args):
+                raise RuntimeError("injected: the experts failed")
+
+            grouped_experts.run_experts = broken
+        return error_against(module, full, inputs(5, rank))
     if scenario == "forward_twice":  # the faulty rank runs layer 0 twice, then layer 1
         (first, _), (second, _) = modules(transport, mesh, layers=2)
         args = inputs(5, rank)
@@ -125,7 +135,7 @@ def worker(rank: int, world_size: int, directory: str) -> None:
             outcomes[(scenario, transport)] = ("ok", result)
         except Exception as e:  # noqa: BLE001  (the outcome under test)
             outcomes[(scenario, transport)] = ("error", type(e).__name__, str(e))
-            if scenario == "raise_then_exit":
+            if scenario.startswith("raise_") and scenario != "raise_then_retry":
                 break
     torch.save(outcomes, os.path.join(directory, f"rank{rank}.pt"))
     sys.stdout.flush()

@@ -1,6 +1,6 @@
 """Expert-parallel faults on gloo, 2 and 4 ranks: one rank (the last) calls with another K, model dim or
-dtype, holds no token or many, raises before its exchange (and retries, or leaves), or calls a layer
-once more than the others.  Every rank ends within the launch's deadline with a clear error — the
+dtype, holds no token or many, raises before its exchange (and retries, or leaves) or between its
+dispatch and its combine (and leaves), or calls a layer once more than the others.  Every rank ends within the launch's deadline with a clear error — the
 same ``ValueError`` on every rank, naming each rank's value, for a mismatch — or the right result.
 The scenarios are ``tests/ep_fault_cases.py``; each launch has a hard deadline after which every
 rank is killed, and the group's collectives time out before it."""
@@ -18,10 +18,10 @@ pytestmark = needs_gloo
 DEADLINE_S = 150
 
 
-@pytest.fixture(scope="module", params=[(w, n) for w in cases.WORLDS for n in (2, 4)],
-                ids=lambda p: f"{p[0]}-world{p[1]}")
+@pytest.fixture(scope="module")
 def world(request, tmp_path_factory):
-    """``(world size, [each rank's {(scenario, transport): outcome}])`` of one launch."""
+    """``(name, world size, [each rank's {(scenario, transport): outcome}])`` of one launch (cached per
+    world: the tests of one world share it)."""
     name, world_size = request.param
     directory = tmp_path_factory.mktemp(f"faults_{name}_{world_size}")
     os.environ["EP_FAULT_WORLD"] = name
@@ -38,9 +38,10 @@ def outcomes(world, scenario: str) -> dict:
     return {t: [r[(scenario, t)] for r in ranks] for t in transports}
 
 
-def only_in(world, *names):
-    if world[0] not in names:
-        pytest.skip(f"not a scenario of the {world[0]!r} launch (each fault world is its own launch)")
+def worlds(*names):
+    """Parametrize a test over the launches of these worlds, 2 and 4 ranks each."""
+    params = [(name, n) for name in names for n in (2, 4)]
+    return pytest.mark.parametrize("world", params, indirect=True, ids=[f"{name}-world{n}" for name, n in params])
 
 
 def majority(world_size: int) -> str:
@@ -56,9 +57,9 @@ MISMATCHES = {  # scenario: (field, healthy value, faulty value)
 }
 
 
+@worlds("in_step")
 @pytest.mark.parametrize("scenario", list(MISMATCHES))
 def test_mismatched_call_raises_the_same_error_on_every_rank(world, scenario):
-    only_in(world, "in_step")
     _, world_size, _ = world
     field, healthy, faulty = MISMATCHES[scenario]
     for transport, per_rank in outcomes(world, scenario).items():
@@ -70,15 +71,15 @@ def test_mismatched_call_raises_the_same_error_on_every_rank(world, scenario):
         assert want in message, (transport, message)
 
 
+@worlds("in_step")
 @pytest.mark.parametrize("scenario", ["zero_and_many", "raise_then_retry"])
 def test_uneven_or_retried_call_gives_the_unsharded_result(world, scenario):
-    only_in(world, "in_step")
     for transport, per_rank in outcomes(world, scenario).items():
         assert all(o[0] == "ok" and o[1] < 1e-5 for o in per_rank), (transport, per_rank)
 
 
+@worlds("in_step", "forward_twice_all_to_all")
 def test_rank_calling_a_layer_twice_raises_on_every_rank(world):
-    only_in(world, "in_step", "forward_twice_all_to_all")
     _, world_size, _ = world
     for transport, per_rank in outcomes(world, "forward_twice").items():
         assert all(o[:2] == ("error", "ValueError") for o in per_rank), (transport, per_rank)
@@ -86,8 +87,8 @@ def test_rank_calling_a_layer_twice_raises_on_every_rank(world):
         assert "different layer" in message and f"rank {world_size - 1}: " in message, message
 
 
+@worlds("raise_then_exit")
 def test_rank_that_raises_and_leaves_fails_the_others_with_a_clear_error(world):
-    only_in(world, "raise_then_exit")
     _, world_size, _ = world
     (per_rank,) = outcomes(world, "raise_then_exit").values()
     assert per_rank[-1][:2] == ("error", "ValueError") and "token_mask" in per_rank[-1][2], per_rank[-1]
@@ -96,8 +97,17 @@ def test_rank_that_raises_and_leaves_fails_the_others_with_a_clear_error(world):
         assert "expert parallel, layer" in o[2] and "call 0: the exchange with the other ranks failed" in o[2], o
 
 
+@worlds("raise_after_dispatch")
+def test_rank_that_raises_between_dispatch_and_combine_fails_the_others_with_a_clear_error(world):
+    (per_rank,) = outcomes(world, "raise_after_dispatch").values()
+    assert per_rank[-1] == ("error", "RuntimeError", "injected: the experts failed"), per_rank[-1]
+    for o in per_rank[:-1]:
+        assert o[:2] == ("error", "RuntimeError"), o
+        assert "layer" in o[2] and "call 0: the exchange with the other ranks failed" in o[2], o
+
+
+@worlds("forward_twice_then_stop")
 def test_rank_calling_once_more_than_the_others_fails_with_a_clear_error(world):
-    only_in(world, "forward_twice_then_stop")
     (per_rank,) = outcomes(world, "forward_twice_then_stop").values()
     assert all(o == ("ok", "no error") for o in per_rank[:-1]), per_rank
     assert per_rank[-1][:2] == ("error", "RuntimeError"), per_rank[-1]

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
 all_reduce = fc.all_reduce
+wait_tensor = fc.wait_tensor
 all_gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
 all_gather_autograd = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
 reduce_scatter_autograd = getattr(fc, "reduce_scatter_single_autograd", None) or fc.reduce_scatter_tensor_autograd

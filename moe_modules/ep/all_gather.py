@@ -65,8 +65,9 @@ class AllGatherDispatcher:
     def combine(self, partial: Tensor, received: Received) -> Tensor:
         T, x_dtype = received.state
         try:
-            y_pad = comm.reduce_scatter_autograd(partial, "sum", 0, self.ep_mesh.get_group())
-            return y_pad[:T].to(x_dtype)  # eagerly a failed collective surfaces at the first use: here
+            y = comm.reduce_scatter_autograd(partial, "sum", 0, self.ep_mesh.get_group())[:T].to(x_dtype)
+            # Eagerly the result waits at its first non-view use: wait here, so that a failure is this call's.
+            return y if torch.compiler.is_compiling() else comm.wait_tensor(y)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:

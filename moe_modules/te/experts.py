@@ -120,7 +120,7 @@ def experts_on_sorted_rows(layer, rows: Tensor, probs: Tensor, tokens_per_expert
     w1, b1 = params[:E], params[E:E + nb]
     w2, b2 = params[E + nb:2 * E + nb], params[2 * E + nb:]
     counts = [int(c) for c in tokens_per_expert.tolist()]  # the one host sync: TE wants host splits
-    valid, (N, D) = sum(counts), rows.shape
+    valid, N = sum(counts), rows.shape[0]
     x, p = rows[:valid], probs[:valid]
     align = layer._te.row_alignment()
     split, keep = counts, None

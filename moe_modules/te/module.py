@@ -26,7 +26,7 @@ is not part of the state dict, so checkpoints stay interchangeable with the othe
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn

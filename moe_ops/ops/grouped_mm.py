@@ -8,7 +8,6 @@ float64 for float64 inputs); outputs have the inputs' dtype.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from moe_ops import _checks
