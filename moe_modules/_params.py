@@ -15,7 +15,7 @@ def create_expert_params(module: nn.Module, config, num_experts: Optional[int] =
     """Register ``gate_and_up_projs [E, D, 2I or I]``, ``down_projs [E, I, D]`` and, with
     ``config.expert_bias``, ``gate_up_proj_bias [E, 2I or I]`` and ``down_proj_bias [E, D]`` (else None)."""
     E = num_experts or config.n_routed_experts
-    D, I, W = config.dim, config.moe_inter_dim, config.up_width
+    D, I, W = config.expert_dim, config.moe_inter_dim, config.up_width
     kw = dict(dtype=config.dtype)
     module.gate_and_up_projs = nn.Parameter(torch.empty(E, D, W, **kw))
     module.down_projs = nn.Parameter(torch.empty(E, I, D, **kw))

@@ -35,7 +35,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def make_inputs(T, config, device, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     E, K = config.n_routed_experts, config.n_activated_experts
-    x = torch.randn(T, config.dim, generator=g).to(device, dtype)
+    x = torch.randn(T, config.expert_dim, generator=g).to(device, dtype)
     indices = torch.rand(T, E, generator=g).argsort(1)[:, :K]
     indices[torch.rand(T, K, generator=g) < 0.1] = -1  # some slots not routed
     token_mask = torch.rand(T, generator=g) > 0.1

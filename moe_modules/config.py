@@ -33,9 +33,30 @@ def _positive(name: str, value) -> int:
     return value
 
 
+_NEMO_ONLY_ACTIVATIONS = ("swigluoai", "geglu")  # NeMo AutoModel 0.7.0 has them; moe-ops not yet
+
+
 def _activation(name: str, value) -> str:
+    if value in _NEMO_ONLY_ACTIVATIONS:
+        raise NotImplementedError(f"{name}={value!r}: NeMo's {value} activation is not implemented in moe-ops yet; "
+                                  f"expected one of {sorted(GATED)}")
     check_activation(value, name)
     return value
+
+
+def _optional(check):
+    def optional(name: str, value):
+        return None if value is None else check(name, value)
+    return optional
+
+
+def _swiglu_limit(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative number, got {value!r}")
+    if value > 0:
+        raise NotImplementedError(f"{name}={value!r}: NeMo's clamped SwiGLU (swiglu_limit > 0) is not implemented "
+                                  "in moe-ops yet; only swiglu_limit=0 is accepted")
+    return float(value)
 
 
 def _check_at_most(name: str, value: int, bound_name: str, bound: int) -> None:
@@ -46,7 +67,9 @@ def _check_at_most(name: str, value: int, bound_name: str, bound: int) -> None:
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FIELD_CHECKS = {"dtype": _dtype, "expert_activation": _activation, "n_routed_experts": _positive,
-                 "n_activated_experts": _positive, "dim": _positive, "moe_inter_dim": _positive}
+                 "n_activated_experts": _positive, "dim": _positive, "moe_inter_dim": _positive,
+                 "moe_latent_size": _optional(_positive), "swiglu_limit": _swiglu_limit,
+                 "gate_dtype": _optional(_dtype)}
 _ROUTED_PAIR = ("n_routed_experts", "n_activated_experts")
 
 
@@ -54,10 +77,12 @@ _ROUTED_PAIR = ("n_routed_experts", "n_activated_experts")
 class MoEConfig:
     """Expert-block configuration; field names follow NeMo AutoModel so configs carry over.
 
-    The expert modules read ``n_routed_experts``, ``n_activated_experts``, ``dim``,
-    ``moe_inter_dim``, ``expert_activation``, ``activation_alpha``,
-    ``activation_limit``, ``activation_linear_offset``, ``expert_bias`` and ``dtype``;
-    the router fields are kept so a NeMo config constructs unchanged.  Those the experts read are
+    Every field of NeMo AutoModel 0.7.0's ``MoEConfig`` is accepted by name (``activation_linear_offset``
+    is ours).  The expert modules read ``n_routed_experts``, ``n_activated_experts``, ``dim`` /
+    ``moe_latent_size`` (:attr:`expert_dim`), ``moe_inter_dim``, ``expert_activation``,
+    ``activation_alpha``, ``activation_limit``, ``activation_linear_offset``, ``expert_bias``, ``dtype``,
+    ``apply_router_weight_after_down`` and ``swiglu_limit``; the router and shared-expert fields are
+    kept so a NeMo config constructs unchanged.  Those the experts read are
     checked whenever they are set (construction or assignment): positive sizes, at most
     ``n_routed_experts`` activated, a known activation name, a floating ``dtype`` (or its name).
     """
@@ -72,6 +97,15 @@ class MoEConfig:
     activation_linear_offset: float = 1.0
     expert_bias: bool = False
     dtype: Union[str, torch.dtype] = torch.bfloat16
+    # NeMo's: the routing weight multiplies each expert's down output, bias included, instead of entering
+    # the activation.  Both are p * (act(h) @ W2 + b2): the expert modules give the same result either way
+    # (they round once, in float32).
+    apply_router_weight_after_down: bool = False
+    # NeMo's clamped SwiGLU (DeepSeek-V4) when > 0: not implemented here yet, so only 0 is accepted.
+    swiglu_limit: float = 0.0
+    # The experts' width when set (NeMo's latent MoE): gate_and_up_projs [E, L, 2I], down_projs [E, I, L],
+    # and x [T, L]; the projections to and from it belong to the MoE layer, not the experts.
+    moe_latent_size: Optional[int] = None
     # Router / shared-expert fields of NeMo's MoEConfig (unused by the expert modules).
     n_shared_experts: int = 0
     n_expert_groups: int = 1
@@ -89,6 +123,10 @@ class MoEConfig:
     shared_expert_inter_dim: Optional[int] = None
     shared_expert_activation: str = "swiglu"
     force_e_score_correction_bias: bool = False
+    router_weights_fp32: bool = False
+    router_weight_uses_score_correction_bias: bool = False
+    gate_dtype: Optional[Union[str, torch.dtype]] = None
+    enable_routing_replay: bool = False
 
     def __setattr__(self, name, value):
         """The expert fields are checked (and a dtype name resolved) when set, at construction and after."""
@@ -100,6 +138,11 @@ class MoEConfig:
                 _check_at_most("n_activated_experts", pair["n_activated_experts"], "n_routed_experts",
                                pair["n_routed_experts"])
         object.__setattr__(self, name, value)
+
+    @property
+    def expert_dim(self) -> int:
+        """The experts' width: ``moe_latent_size`` when set, else ``dim`` (NeMo's property)."""
+        return self.moe_latent_size if self.moe_latent_size is not None else self.dim
 
     @property
     def gated(self) -> bool:

@@ -27,9 +27,12 @@ class _StackedExperts(nn.Module):
 
     default_transport = "all_to_all"
 
-    def __init__(self, config: MoEConfig):
+    def __init__(self, config: MoEConfig, backend=None):
         super().__init__()
         self.config = config
+        # NeMo's BackendConfig picks NeMo's expert kernels; here the registry does (moe_ops.use_backend /
+        # set_backend), so it is kept for reference only.  Transports: apply_ep / init_token_dispatcher.
+        self.backend = backend
         self.n_routed_experts = config.n_routed_experts
         self.activation = Activation.from_config(config)
         self.use_dispatcher(LocalDispatcher())
@@ -41,10 +44,15 @@ class _StackedExperts(nn.Module):
         self.ep_mesh = dispatcher.ep_mesh
 
     def forward(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        """``x [T, D]``, ``token_mask [T]`` bool, ``weights [T, K]``, ``indices [T, K]`` -> ``[T, D]`` in ``x.dtype``."""
-        token_mask, weights, indices = moe_ops.check_expert_inputs(x, token_mask, weights, indices, self.config.dim)
+        """``x [T, D]`` (``D = config.expert_dim``), ``token_mask [T]`` bool, ``weights [T, K]``, ``indices
+        [T, K]`` -> ``[T, D]`` in ``x.dtype``; parameters of another floating dtype compute in ``x.dtype``."""
+        token_mask, weights, indices = moe_ops.check_expert_inputs(x, token_mask, weights, indices,
+                                                                    self.config.expert_dim)
         received = self.token_dispatcher.dispatch(x, token_mask, weights, indices)
-        partial = run_experts(received, *local_expert_params(self), self.activation)
+        params = local_expert_params(self)
+        if params[0].dtype != x.dtype:  # as NeMo: parameters of another dtype compute in the activations'
+            params = tuple(None if p is None else p.to(x.dtype) for p in params)
+        partial = run_experts(received, *params, self.activation)
         return self.token_dispatcher.combine(partial, received)
 
     def init_weights(self, buffer_device: torch.device, init_std: float = 0.02) -> None:
@@ -62,6 +70,13 @@ class GroupedExpertsDeepEP(_StackedExperts):
     """NeMo AutoModel's ``GroupedExpertsDeepEP`` contract: expert parallel by all-to-all dispatch /
     combine by default (through DeepEP's buffers where ``deep_ep`` is importable).  On one device
     every expert is local and the result equals :class:`GroupedExperts`."""
+
+    def __init__(self, config: MoEConfig, backend=None, dispatcher_backend: str = "deepep",
+                 dispatcher_num_sms: int = 20, dispatcher_share_token_dispatcher: bool = True,
+                 dispatcher_async_dispatch: bool = False):
+        """NeMo's constructor; the ``dispatcher_*`` options tune NeMo's own dispatchers and are accepted
+        and ignored (the transport comes from :meth:`init_token_dispatcher` or ``apply_ep``)."""
+        super().__init__(config, backend)
 
     def init_token_dispatcher(self, ep_mesh, max_tokens_per_rank: Optional[int] = None,
                               use_deep_ep: Optional[bool] = None) -> None:

@@ -129,7 +129,7 @@ def expert_inputs(x: torch.Tensor, token_mask: torch.Tensor, weights: torch.Tens
     ``weights [T, K]``, ``indices [T, K]`` int32/int64, on one device."""
     tensor("x", x, dim=2, dtypes=FLOAT_DTYPES)
     if dim is not None:
-        size("x", x.shape[1], dim, "model dim (dim 1) equal to config.dim")
+        size("x", x.shape[1], dim, "width (dim 1) equal to the experts' (config.expert_dim)")
     tensor("token_mask", token_mask, dim=1, dtypes=(torch.bool,))
     tensor("weights", weights, dim=2, dtypes=FLOAT_DTYPES)
     tensor("indices", indices, dim=2, dtypes=INDEX_DTYPES)

@@ -27,12 +27,13 @@ class LinearDims(NamedTuple):
 
 def te_linear_dims(config) -> tuple[LinearDims, LinearDims]:
     """``(gate_up, down)`` feature sizes of the two GroupedLinears: ``(D -> W)`` and ``(I -> D)``."""
-    return (LinearDims(config.dim, config.up_width), LinearDims(config.moe_inter_dim, config.dim))
+    D = config.expert_dim
+    return (LinearDims(D, config.up_width), LinearDims(config.moe_inter_dim, D))
 
 
 def stacked_shapes(config, num_experts: int) -> dict[str, tuple[int, ...]]:
     """The shape of each of the four stacked parameters for ``num_experts`` experts."""
-    D, I, W = config.dim, config.moe_inter_dim, config.up_width
+    D, I, W = config.expert_dim, config.moe_inter_dim, config.up_width
     return {
         "gate_and_up_projs": (num_experts, D, W),
         "down_projs": (num_experts, I, D),

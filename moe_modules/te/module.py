@@ -64,7 +64,9 @@ class GroupedExpertsTE(nn.Module):
 
     Args:
         config: the :class:`~moe_modules.MoEConfig`.
-        device: where the parameters live (default: the default device when it is not the CPU,
+        backend, dispatcher_*: NeMo's constructor arguments, accepted and ignored (as for
+            :class:`~moe_modules.GroupedExpertsDeepEP`).
+        device: (keyword) where the parameters live (default: the default device when it is not the CPU,
             else the current CUDA device).
 
     Attributes:
@@ -82,10 +84,13 @@ class GroupedExpertsTE(nn.Module):
 
     default_transport = "all_to_all"  # apply_ep's transport unless told otherwise
 
-    def __init__(self, config: MoEConfig, device=None):
+    def __init__(self, config: MoEConfig, backend=None, dispatcher_backend: str = "deepep",
+                 dispatcher_num_sms: int = 20, dispatcher_share_token_dispatcher: bool = True,
+                 dispatcher_async_dispatch: bool = False, *, device=None):
         engine.require_transformer_engine()
         super().__init__()
         self.config = config
+        self.backend = backend  # NeMo's; kept for reference (see GroupedExperts)
         self.n_routed_experts = config.n_routed_experts
         self.expert_bias = config.expert_bias
         self.activation = Activation.from_config(config)
@@ -337,7 +342,8 @@ class GroupedExpertsTE(nn.Module):
     def forward(self, x: Tensor, token_mask: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         """``x [T, D]``, ``token_mask [T]`` bool, ``weights [T, K]``, ``indices [T, K]`` -> ``[T, D]``
         in ``x.dtype``."""
-        token_mask, weights, indices = moe_ops.check_expert_inputs(x, token_mask, weights, indices, self.config.dim)
+        token_mask, weights, indices = moe_ops.check_expert_inputs(x, token_mask, weights, indices,
+                                                                    self.config.expert_dim)
         received = self.token_dispatcher.dispatch(x, token_mask, weights, indices)
         return self.token_dispatcher.combine(self._experts(received), received)
 

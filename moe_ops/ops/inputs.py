@@ -29,7 +29,7 @@ def _validate_traced(x, token_mask, weights, indices, dim=None) -> None:
     """What a graph is specialised on; the token counts and K are the kernel's (run time) to check."""
     _checks.tensor("x", x, dim=2, dtypes=_checks.FLOAT_DTYPES)
     if dim is not None:
-        _checks.size("x", x.shape[1], dim, "model dim (dim 1) equal to config.dim")
+        _checks.size("x", x.shape[1], dim, "width (dim 1) equal to the experts' (config.expert_dim)")
     _checks.tensor("token_mask", token_mask, dim=1, dtypes=(torch.bool,))
     _checks.tensor("weights", weights, dim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("indices", indices, dim=2, dtypes=_checks.INDEX_DTYPES)
