@@ -13,6 +13,8 @@
 #   bench  benchmarks/bench_experts.py, every shape x routing x path
 #   host   benchmarks/bench_host.py --profile: host time per call, eager / compiled / reduce-overhead / CUDA graph
 #          against the torch reference path (HOST_ARGS adds arguments, e.g. "--tokens 1,512")
+#   hf     benchmarks/bench_hf.py: a transformers Qwen3-MoE-shaped model, experts_implementation "moe_ops" against
+#          "grouped_mm" (training step, generate tokens/s; HF_ARGS adds arguments, e.g. "--layers 2")
 #   ep     expert parallelism, for each world size N in EP_SIZES (default "2"; the machine needs N GPUs):
 #          torchrun benchmarks/gpu_ep_parity.py --compile-backend inductor, then benchmarks/bench_ep.py --host-costs
 #          (EP_BENCH_ARGS replaces --host-costs, e.g. "--host-costs --profile")
@@ -110,6 +112,10 @@ step_host() {
   $PY benchmarks/bench_host.py --profile ${HOST_ARGS:-}
 }
 
+step_hf() {
+  $PY benchmarks/bench_hf.py ${HF_ARGS:-}
+}
+
 step_ep() {
   local rc=0 n
   for n in ${EP_SIZES:-2}; do
@@ -131,7 +137,7 @@ step_plot() {
 }
 
 export PY OUT
-export -f step_env step_te step_tests step_check step_bench step_host step_ep step_plot
+export -f step_env step_te step_tests step_check step_bench step_host step_hf step_ep step_plot
 
 want env   && run_step env 60
 want te    && run_step te 200
@@ -140,6 +146,7 @@ want tests && run_step tests 150
 want check && run_step check 90
 want bench && run_step bench 420
 want host  && run_step host "${HOST_CAP_S:-400}"
+want hf    && run_step hf "${HF_CAP_S:-300}"
 want plot  && run_step plot 60
 
 echo

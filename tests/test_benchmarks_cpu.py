@@ -204,3 +204,13 @@ def test_host_benchmark_times_every_path_on_the_cpu(host_run):
 
 def test_plot_host_from_json(host_run, tmp_path):
     assert_plots("plot_host", host_run[0], tmp_path / "host.png")
+
+
+def test_hf_benchmark_runs_both_implementations_on_the_cpu(tmp_path):
+    pytest.importorskip("transformers", minversion="5.17", reason="needs transformers >= 5.17 (the test extra)")
+    _, report, stdout = run_benchmark(tmp_path, "bench_hf", "--device", "cpu", "--quick", timeout=300)
+    assert set(report["results"]) == {"grouped_mm", "moe_ops"}
+    for name, result in report["results"].items():
+        assert result["train_step_ms"]["median_ms"] > 0 and result["generate_tok_s"] > 0, (name, result)
+        assert result["same_tokens"] and result["max_logit_err"] <= 1e-4, (name, result)
+    assert "moe_ops: train step" in stdout

@@ -42,7 +42,7 @@ def configs():
 def model_of(name: str):
     torch.manual_seed(0)
     config = configs()[name]()
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random biases too (zero-initialised ones would hide a wrong bias row)
         for pname, p in model.named_parameters():
             if "experts" in pname:
