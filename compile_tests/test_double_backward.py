@@ -15,7 +15,7 @@ from moe_modules import GroupedExperts, MoEConfig
 T, E, K, D, I = 4, 3, 2, 3, 2
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "quick_geglu", "relu2"])
+@pytest.mark.parametrize("activation", ["swiglu", "quick_geglu", "swigluoai", "relu2"])
 def test_expert_block_gradgradcheck(activation):
     torch.manual_seed(0)
     config = MoEConfig(n_routed_experts=E, n_activated_experts=K, dim=D, moe_inter_dim=I, expert_activation=activation,

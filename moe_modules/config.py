@@ -33,7 +33,7 @@ def _positive(name: str, value) -> int:
     return value
 
 
-_NEMO_ONLY_ACTIVATIONS = ("swigluoai", "geglu")  # NeMo AutoModel 0.7.0 has them; moe-ops not yet
+_NEMO_ONLY_ACTIVATIONS = ("geglu",)  # NeMo AutoModel 0.7.0 has it; moe-ops not yet
 
 
 def _activation(name: str, value) -> str:

@@ -95,6 +95,15 @@ def quick_geglu(
                          alpha=alpha, limit=limit, linear_offset=linear_offset)
 
 
+def swigluoai(
+    x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None,
+    alpha: float = 1.702, limit: Optional[float] = 7.0, linear_offset: float = 1.0,
+) -> Tensor:
+    """NeMo's ``swigluoai``: quick-GEGLU's clamped math on concatenated gate|up columns."""
+    return _whole_expert("swigluoai", x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias,
+                         alpha=alpha, limit=limit, linear_offset=linear_offset)
+
+
 def relu2(x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None) -> Tensor:
     """ReLU²: ``relu(x @ gate_and_up_proj + b1) ** 2 @ down_proj + b2``; ``gate_and_up_proj`` is ``[D, I]``."""
     return _whole_expert("relu2", x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)
@@ -103,10 +112,15 @@ def relu2(x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None, down_proj_b
 def get_expert_activation(config: MoEConfig):
     """The whole-expert callable for ``config.expert_activation``, alpha/limit bound."""
     moe_ops.check_activation(config.expert_activation)
-    if config.expert_activation == "quick_geglu":
-        return functools.partial(quick_geglu, alpha=config.activation_alpha, limit=config.activation_limit,
+    helper = {"swiglu": swiglu, "quick_geglu": quick_geglu, "swigluoai": swigluoai, "relu2": relu2}[
+        config.expert_activation]
+    if config.expert_activation in _CLAMPED:
+        return functools.partial(helper, alpha=config.activation_alpha, limit=config.activation_limit,
                                  linear_offset=config.activation_linear_offset)
-    return {"swiglu": swiglu, "relu2": relu2}[config.expert_activation]
+    return helper
+
+
+_CLAMPED = ("quick_geglu", "swigluoai")  # the activations that take alpha, limit and linear_offset
 
 
 def swiglu_deepep(x: Tensor, permuted_probs: Tensor) -> Tensor:
@@ -125,17 +139,25 @@ def relu2_deepep(x: Tensor, permuted_probs: Tensor) -> Tensor:
     return moe_ops.activation(x, permuted_probs, "relu2")
 
 
+def swigluoai_deepep(x: Tensor, permuted_probs: Tensor, alpha: float = 1.702, limit: Optional[float] = 7.0,
+                     linear_offset: float = 1.0) -> Tensor:
+    """NeMo's ``swigluoai`` (concatenated gate|up, clamped at ``limit``) times ``probs``."""
+    return moe_ops.activation(x, permuted_probs, "swigluoai", alpha, limit, linear_offset)
+
+
 def get_expert_activation_for_deepep(config: MoEConfig):
     """The ``(h, permuted_probs) -> out`` callable for ``config.expert_activation``."""
     moe_ops.check_activation(config.expert_activation)
-    if config.expert_activation == "quick_geglu":
-        return functools.partial(quick_geglu_deepep, alpha=config.activation_alpha, limit=config.activation_limit,
+    helper = {"swiglu": swiglu_deepep, "quick_geglu": quick_geglu_deepep, "swigluoai": swigluoai_deepep,
+              "relu2": relu2_deepep}[config.expert_activation]
+    if config.expert_activation in _CLAMPED:
+        return functools.partial(helper, alpha=config.activation_alpha, limit=config.activation_limit,
                                  linear_offset=config.activation_linear_offset)
-    return {"swiglu": swiglu_deepep, "relu2": relu2_deepep}[config.expert_activation]
+    return helper
 
 
 __all__ = [
     "GroupedExperts", "GroupedExpertsDeepEP", "GroupedExpertsTE",
-    "is_gated_activation", "swiglu", "quick_geglu", "relu2", "get_expert_activation",
-    "swiglu_deepep", "quick_geglu_deepep", "relu2_deepep", "get_expert_activation_for_deepep",
+    "is_gated_activation", "swiglu", "quick_geglu", "swigluoai", "relu2", "get_expert_activation",
+    "swiglu_deepep", "quick_geglu_deepep", "swigluoai_deepep", "relu2_deepep", "get_expert_activation_for_deepep",
 ]

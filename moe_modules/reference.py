@@ -19,8 +19,8 @@ def activation(h: Tensor, kind: str, alpha: float = 1.702, limit: Optional[float
     if kind == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
-    if kind == "quick_geglu":
-        gate, up = h[..., 0::2], h[..., 1::2]
+    if kind in ("quick_geglu", "swigluoai"):  # interleaved / concatenated gate and up
+        gate, up = (h[..., 0::2], h[..., 1::2]) if kind == "quick_geglu" else h.chunk(2, dim=-1)
         if limit is not None:
             gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
         return gate * torch.sigmoid(alpha * gate) * (up + linear_offset)

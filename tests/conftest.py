@@ -263,7 +263,8 @@ def op_args() -> type[OpArgs]:
 # count instead of a routing.
 ACTIVATION_VARIANTS = [
     dict(kind=kind, limit=limit, probs=probs)
-    for kind, limit in (("swiglu", 7.0), ("quick_geglu", 7.0), ("quick_geglu", None), ("relu2", 7.0))
+    for kind, limit in (("swiglu", 7.0), ("quick_geglu", 7.0), ("quick_geglu", None), ("swigluoai", 7.0),
+                        ("relu2", 7.0))
     for probs in ("none", "N", "N1")
 ]
 ROUTED_VARIANTS = [

@@ -316,7 +316,7 @@ def test_expert_bias(dtype, probs_shape):
 
 # ---- activations -----------------------------------------------------------------------------
 
-ACTIVATIONS = [("swiglu", 7.0), ("quick_geglu", 7.0), ("quick_geglu", None), ("relu2", None)]
+ACTIVATIONS = [("swiglu", 7.0), ("quick_geglu", 7.0), ("quick_geglu", None), ("swigluoai", 7.0), ("relu2", None)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -363,8 +363,8 @@ def run_block(backend, kind: str, bias: bool, dtype, case: str, limit=7.0, out_d
     return [h.detach(), y.detach()] + [leaf.grad for leaf in leaves]
 
 
-BLOCK_CASES = [(kind, bias, torch.float32) for kind in ("swiglu", "quick_geglu", "relu2") for bias in (False, True)]
-BLOCK_CASES += [(kind, True, torch.bfloat16) for kind in ("swiglu", "quick_geglu", "relu2")]
+BLOCK_CASES = [(kind, bias, torch.float32) for kind in moe_ops.GATED for bias in (False, True)]
+BLOCK_CASES += [(kind, True, torch.bfloat16) for kind in moe_ops.GATED]
 
 
 @pytest.mark.parametrize("kind,bias,dtype", BLOCK_CASES, ids=dtype_id)

@@ -28,6 +28,7 @@ ACTIVATIONS = {
     "swiglu": ("swiglu", {}),
     "quick_geglu": ("quick_geglu", dict(activation_alpha=1.5, activation_limit=2.0)),
     "quick_geglu_nolimit": ("quick_geglu", dict(activation_limit=None)),
+    "swigluoai": ("swigluoai", dict(activation_alpha=1.5, activation_limit=2.0)),
     "relu2": ("relu2", {}),
 }
 
@@ -185,7 +186,7 @@ def test_nan_in_one_token_stays_in_that_token(cls, mixed_routing, device):
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("activation", ["swiglu", "quick_geglu", "relu2"])
+@pytest.mark.parametrize("activation", ["swiglu", "quick_geglu", "swigluoai", "relu2"])
 @pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
 def test_state_dict_keys_and_shapes(cls, activation, bias):
     E, width = 4, (I if activation == "relu2" else 2 * I)

@@ -17,7 +17,7 @@ from moe_modules import te as te_module
 from moe_ops import activation as moe_activation
 
 E, K, D, I = 4, 2, 8, 6
-ACTIVATIONS = ("swiglu", "quick_geglu", "relu2")
+ACTIVATIONS = ("swiglu", "quick_geglu", "swigluoai", "relu2")
 
 
 def config(activation="swiglu", bias=True) -> MoEConfig:

@@ -25,7 +25,7 @@ from test_bad_input import assert_same_error_eager_and_fake
 
 E, K, D, I = 5, 2, 8, 6
 DTYPE = torch.float64
-ACTIVATIONS = ("swiglu", "quick_geglu", "relu2")
+ACTIVATIONS = ("swiglu", "quick_geglu", "swigluoai", "relu2")
 
 
 def config(activation="swiglu", bias=True, dtype=DTYPE) -> MoEConfig:

@@ -75,7 +75,7 @@ def _act_forward_backward(h, kind, alpha, limit, linear_offset, d_out=None):
         if d_out is None:
             return silu * up, None
         return silu * up, _merge(d_out * up * s * (1 + gate * (1 - s)), d_out * silu, kind)
-    # quick_geglu
+    # quick_geglu, swigluoai (the same math; the layout differs in _split)
     gate_mask = up_mask = None
     if limit is not None:
         gate_mask, up_mask = gate <= limit, (up >= -limit) & (up <= limit)

@@ -7,6 +7,7 @@ activations and ``[N, I]`` for ``relu2``:
 * ``quick_geglu`` (GPT-OSS): ``gate, up = h[:, 0::2], h[:, 1::2]`` (interleaved),
   ``gate = min(gate, limit)``, ``up = clamp(up, -limit, limit)`` (no clamp when
   ``limit`` is None), ``gate * sigmoid(alpha * gate) * (up + linear_offset)``;
+* ``swigluoai`` (NeMo AutoModel's): ``quick_geglu``'s math on concatenated gate|up columns;
 * ``relu2``: ``relu(h) ** 2``.
 
 The result is multiplied by ``probs`` per row, all in float32, and rounded once
@@ -27,7 +28,7 @@ from moe_ops.ops import activation_second_order
 from moe_ops.ops.composition_vjp import save_inputs, vjp_of_composition
 
 # name -> whether the first GEMM carries gate and up (width 2I) or up alone (width I)
-GATED = {"swiglu": True, "quick_geglu": True, "relu2": False}
+GATED = {"swiglu": True, "quick_geglu": True, "swigluoai": True, "relu2": False}
 
 
 def check_activation(name, argument: str = "activation") -> None:

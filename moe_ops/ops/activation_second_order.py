@@ -5,7 +5,8 @@
 second derivatives, written here in closed form with elementwise ATen ops (no host
 reads, traceable), in float32 (float64 for float64 inputs).  Every gated activation
 is ``A(x, y) = q(x) * (y + offset)`` with ``q(z) = z * sigmoid(a * z)``: swiglu is
-``a = 1, offset = 0`` without clamps; quick_geglu clamps ``x <= limit``, ``|y| <= limit``.
+``a = 1, offset = 0`` without clamps; quick_geglu and swigluoai (the same on concatenated columns) clamp
+``x <= limit``, ``|y| <= limit``.
 """
 
 from __future__ import annotations

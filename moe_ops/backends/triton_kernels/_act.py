@@ -4,7 +4,7 @@ GEMM prologue (one definition of each formula).
 ``h`` columns of output column block ``n0 .. n0+BN-1`` (of ``a``, width I) are held as
 one or two tiles, the same way in memory loads, GEMM accumulators and stores:
 
-* ``swiglu`` (concatenated): tile0 = gate columns ``n0 + j``, tile1 = up columns ``I + n0 + j``;
+* ``swiglu``, ``swigluoai`` (concatenated): tile0 = gate columns ``n0 + j``, tile1 = up columns ``I + n0 + j``;
 * ``quick_geglu`` (interleaved): tile0 = the ``2*BN`` contiguous columns ``2*n0 ..``,
   gate and up alternating (one contiguous load / one GEMM tile, split in registers);
 * ``relu2`` / no activation: tile0 = columns ``n0 + j``.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moe_ops.backends.triton_kernels._common import QUICK_GEGLU, RELU2, SWIGLU
+from moe_ops.backends.triton_kernels._common import QUICK_GEGLU, RELU2, SWIGLU, SWIGLUOAI
 
 NAN_ALL = tl.constexpr(tl.PropagateNan.ALL)
 
@@ -44,7 +44,7 @@ def gate_up(tile0, tile1, KIND: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr
     if KIND == QUICK_GEGLU:
         gate, up = tl.split(tl.reshape(tile0, (BR, BN, 2)))
         return gate, up
-    elif KIND == SWIGLU:
+    elif KIND == SWIGLU or KIND == SWIGLUOAI:
         return tile0, tile1
     else:
         return tile0, tile0
@@ -72,7 +72,7 @@ def act_forward(gate, up, alpha, limit, linear_offset, KIND: tl.constexpr, HAS_L
     """``act(h)`` from float32 gate/up."""
     if KIND == SWIGLU:
         return gate * tl.sigmoid(gate) * up
-    elif KIND == QUICK_GEGLU:
+    elif KIND == QUICK_GEGLU or KIND == SWIGLUOAI:
         gate, up = _clamp_quick(gate, up, limit, HAS_LIMIT)
         return gate * tl.sigmoid(alpha * gate) * (up + linear_offset)
     else:
@@ -87,7 +87,7 @@ def act_backward(gate, up, d_out, alpha, limit, linear_offset, KIND: tl.constexp
         s = tl.sigmoid(gate)
         silu = gate * s
         return silu * up, d_out * up * s * (1.0 + gate * (1.0 - s)), d_out * silu
-    elif KIND == QUICK_GEGLU:
+    elif KIND == QUICK_GEGLU or KIND == SWIGLUOAI:
         gate_kept = gate <= limit
         up_kept = (up >= -limit) & (up <= limit)
         gate, up = _clamp_quick(gate, up, limit, HAS_LIMIT)
@@ -111,6 +111,6 @@ def load_h(h_rows, row_ok, n0, I, KIND: tl.constexpr, BR: tl.constexpr, BC: tl.c
     cols0, mask0, cols1, mask1 = h_columns(n0, I, KIND, BC, BC0)
     tile0 = tl.load(h_rows + cols0[None, :], mask=row_ok[:, None] & mask0[None, :], other=0.0).to(tl.float32)
     tile1 = tile0
-    if KIND == SWIGLU:
+    if KIND == SWIGLU or KIND == SWIGLUOAI:
         tile1 = tl.load(h_rows + cols1[None, :], mask=row_ok[:, None] & mask1[None, :], other=0.0).to(tl.float32)
     return gate_up(tile0, tile1, KIND, BR, BC)

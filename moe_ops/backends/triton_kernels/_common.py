@@ -39,7 +39,8 @@ NO_ACT = tl.constexpr(0)
 SWIGLU = tl.constexpr(1)
 QUICK_GEGLU = tl.constexpr(2)
 RELU2 = tl.constexpr(3)
-ACT_KIND = {None: 0, "swiglu": 1, "quick_geglu": 2, "relu2": 3}
+SWIGLUOAI = tl.constexpr(4)  # quick_geglu's math on concatenated gate|up columns
+ACT_KIND = {None: 0, "swiglu": 1, "quick_geglu": 2, "relu2": 3, "swigluoai": 4}
 
 
 def _interpreter_scalar_index() -> None:
