@@ -11,6 +11,7 @@ from moe_ops import GATED, check_activation
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32, "float64": torch.float64}
+_FLOAT_DTYPES = tuple(dict.fromkeys(_DTYPES.values()))  # the parameter dtypes, each once
 
 
 def _dtype(name: str, value) -> torch.dtype:
@@ -21,8 +22,8 @@ def _dtype(name: str, value) -> torch.dtype:
         return _DTYPES[key]
     if not isinstance(value, torch.dtype):
         raise TypeError(f"{name}: expected a torch.dtype or a str, got {type(value).__name__} {value!r}")
-    if value not in FLOAT_DTYPES:
-        names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+    if value not in _FLOAT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in _FLOAT_DTYPES)
         raise ValueError(f"{name}: expected a floating dtype for the expert parameters ({names}), got {value}")
     return value
 
@@ -65,7 +66,6 @@ def _check_at_most(name: str, value: int, bound_name: str, bound: int) -> None:
         raise ValueError(f"{name}: expected at most {bound_name}={bound}, got {value}")
 
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FIELD_CHECKS = {"dtype": _dtype, "expert_activation": _activation, "n_routed_experts": _positive,
                  "n_activated_experts": _positive, "dim": _positive, "moe_inter_dim": _positive,
                  "moe_latent_size": _optional(_positive), "swiglu_limit": _swiglu_limit,

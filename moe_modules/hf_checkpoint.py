@@ -34,6 +34,14 @@ def _check_layout(layout: str) -> None:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
 
 
+_BIASES = ("gate_up_proj_bias", "down_proj_bias")  # the same names in both layouts (gpt_oss only)
+
+
+def _t(w: Tensor) -> Tensor:
+    """``[.., out, in]`` <-> ``[.., in, out]``, a new contiguous tensor."""
+    return w.transpose(-2, -1).contiguous()
+
+
 def _num_experts(state: Mapping[str, Tensor], name: str) -> int:
     ids = {int(k.split(".", 1)[0]) for k in state if k.endswith(f".{name}.weight") and k.split(".", 1)[0].isdigit()}
     if not ids or ids != set(range(len(ids))):
@@ -44,31 +52,26 @@ def _num_experts(state: Mapping[str, Tensor], name: str) -> int:
 def from_hf(state: Mapping[str, Tensor], layout: str) -> dict[str, Tensor]:
     """Hugging Face's experts state (keys relative to the experts module) -> our four keys."""
     _check_layout(layout)
-    t = lambda w: w.transpose(-2, -1).contiguous()  # noqa: E731  ([.., out, in] -> [.., in, out])
     if layout in _PER_EXPERT_NAMES:
         gate, up, down = _PER_EXPERT_NAMES[layout]
         E = _num_experts(state, gate)
         w1 = torch.stack([torch.cat([state[f"{e}.{gate}.weight"], state[f"{e}.{up}.weight"]], 0) for e in range(E)])
         w2 = torch.stack([state[f"{e}.{down}.weight"] for e in range(E)])
-        return {"gate_and_up_projs": t(w1), "down_projs": t(w2)}
+        return {"gate_and_up_projs": _t(w1), "down_projs": _t(w2)}
     if layout == "packed":
-        return {"gate_and_up_projs": t(state["gate_up_proj"]), "down_projs": t(state["down_proj"])}
+        return {"gate_and_up_projs": _t(state["gate_up_proj"]), "down_projs": _t(state["down_proj"])}
     if layout == "packed_ungated":
-        return {"gate_and_up_projs": t(state["up_proj"]), "down_projs": t(state["down_proj"])}
+        return {"gate_and_up_projs": _t(state["up_proj"]), "down_projs": _t(state["down_proj"])}
     out = {"gate_and_up_projs": state["gate_up_proj"].contiguous(), "down_projs": state["down_proj"].contiguous()}
-    for ours, theirs in (("gate_up_proj_bias", "gate_up_proj_bias"), ("down_proj_bias", "down_proj_bias")):
-        if theirs in state:
-            out[ours] = state[theirs].contiguous()
-    return out
+    return out | {name: state[name].contiguous() for name in _BIASES if name in state}
 
 
 def to_hf(stacked: Mapping[str, Tensor], layout: str) -> dict[str, Tensor]:
     """Our four keys -> Hugging Face's experts state in ``layout`` (keys relative to the experts module)."""
     _check_layout(layout)
     w1, w2 = stacked["gate_and_up_projs"], stacked["down_projs"]
-    if layout != "gpt_oss" and any(stacked.get(n) is not None for n in ("gate_up_proj_bias", "down_proj_bias")):
+    if layout != "gpt_oss" and any(stacked.get(n) is not None for n in _BIASES):
         raise ValueError(f"layout {layout!r} has no expert biases; only 'gpt_oss' does")
-    t = lambda w: w.transpose(-2, -1).contiguous()  # noqa: E731
     if layout in _PER_EXPERT_NAMES:
         gate, up, down = _PER_EXPERT_NAMES[layout]
         if w1.shape[2] % 2:
@@ -80,11 +83,8 @@ def to_hf(stacked: Mapping[str, Tensor], layout: str) -> dict[str, Tensor]:
             state[f"{e}.{down}.weight"] = w2[e].t().contiguous()
         return state
     if layout == "packed":
-        return {"gate_up_proj": t(w1), "down_proj": t(w2)}
+        return {"gate_up_proj": _t(w1), "down_proj": _t(w2)}
     if layout == "packed_ungated":
-        return {"up_proj": t(w1), "down_proj": t(w2)}
+        return {"up_proj": _t(w1), "down_proj": _t(w2)}
     out = {"gate_up_proj": w1.contiguous(), "down_proj": w2.contiguous()}
-    for name in ("gate_up_proj_bias", "down_proj_bias"):
-        if stacked.get(name) is not None:
-            out[name] = stacked[name].contiguous()
-    return out
+    return out | {name: stacked[name].contiguous() for name in _BIASES if stacked.get(name) is not None}

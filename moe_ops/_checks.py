@@ -123,19 +123,30 @@ def row_probs(name: str, probs: Optional[torch.Tensor], rows) -> None:
     size(name, probs.shape[0], rows, "number of rows (dim 0)")
 
 
-def expert_inputs(x: torch.Tensor, token_mask: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                  dim: Optional[int] = None) -> None:
-    """The expert block's inputs: ``x [T, D]`` (``D == dim`` when given), ``token_mask [T]`` bool,
-    ``weights [T, K]``, ``indices [T, K]`` int32/int64, on one device."""
+def expert_tensors(x: torch.Tensor, token_mask: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                   dim: Optional[int] = None) -> None:
+    """The expert block's inputs without the relations of their sizes: ``x`` 2-D float (width ``dim`` when
+    given), ``token_mask`` 1-D bool, ``weights`` 2-D float, ``indices`` 2-D int32/int64, on one device."""
     tensor("x", x, dim=2, dtypes=FLOAT_DTYPES)
     if dim is not None:
         size("x", x.shape[1], dim, "width (dim 1) equal to the experts' (config.expert_dim)")
     tensor("token_mask", token_mask, dim=1, dtypes=(torch.bool,))
     tensor("weights", weights, dim=2, dtypes=FLOAT_DTYPES)
     tensor("indices", indices, dim=2, dtypes=INDEX_DTYPES)
+    same_device(x=x, token_mask=token_mask, weights=weights, indices=indices)
+
+
+def expert_sizes(x: torch.Tensor, token_mask: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
+    """The relations of their sizes: ``x [T, D]``, ``token_mask [T]``, ``weights [T, K]``, ``indices [T, K]``."""
     T = x.shape[0]
     size("token_mask", token_mask.shape[0], T, "number of tokens (dim 0 of x)")
     size("weights", weights.shape[0], T, "number of tokens (dim 0 of x)")
     size("indices", indices.shape[0], T, "number of tokens (dim 0 of x)")
     size("indices", indices.shape[1], weights.shape[1], "experts per token (dim 1 of weights)")
-    same_device(x=x, token_mask=token_mask, weights=weights, indices=indices)
+
+
+def expert_inputs(x: torch.Tensor, token_mask: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                  dim: Optional[int] = None) -> None:
+    """The expert block's inputs: :func:`expert_tensors` and :func:`expert_sizes`."""
+    expert_tensors(x, token_mask, weights, indices, dim)
+    expert_sizes(x, token_mask, weights, indices)

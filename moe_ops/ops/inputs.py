@@ -25,19 +25,8 @@ from moe_ops._library import define
 _is_compiling = torch.compiler.is_compiling
 
 
-def _validate_traced(x, token_mask, weights, indices, dim=None) -> None:
-    """What a graph is specialised on; the token counts and K are the kernel's (run time) to check."""
-    _checks.tensor("x", x, dim=2, dtypes=_checks.FLOAT_DTYPES)
-    if dim is not None:
-        _checks.size("x", x.shape[1], dim, "width (dim 1) equal to the experts' (config.expert_dim)")
-    _checks.tensor("token_mask", token_mask, dim=1, dtypes=(torch.bool,))
-    _checks.tensor("weights", weights, dim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("indices", indices, dim=2, dtypes=_checks.INDEX_DTYPES)
-    _checks.same_device(x=x, token_mask=token_mask, weights=weights, indices=indices)
-
-
 def _kernel(x, token_mask, weights, indices, dim=None):
-    _checks.expert_inputs(x, token_mask, weights, indices, dim)
+    _checks.expert_sizes(x, token_mask, weights, indices)  # after the op's validate (_checks.expert_tensors)
     # Outputs must not alias inputs: copies (T*K values, once per traced call).  The float output first:
     # opcheck's AOT check sums the outputs into one tensor in place.
     return weights.clone(), token_mask.clone(), indices.clone()
@@ -53,7 +42,7 @@ def _backward(ctx, grad_weights, grad_mask, grad_indices):
 
 
 _check = define("check_expert_inputs(Tensor x, Tensor token_mask, Tensor weights, Tensor indices, SymInt? dim=None)"
-                " -> (Tensor, Tensor, Tensor)", validate=_validate_traced, fake=_fake, kernel=_kernel,
+                " -> (Tensor, Tensor, Tensor)", validate=_checks.expert_tensors, fake=_fake, kernel=_kernel,
                 backward=_backward)
 
 
