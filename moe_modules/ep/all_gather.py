@@ -65,9 +65,10 @@ class AllGatherDispatcher:
     def combine(self, partial: Tensor, received: Received) -> Tensor:
         T, x_dtype = received.state
         try:
-            y = comm.reduce_scatter_autograd(partial, "sum", 0, self.ep_mesh.get_group())[:T].to(x_dtype)
-            # Eagerly the result waits at its first non-view use: wait here, so that a failure is this call's.
-            return y if torch.compiler.is_compiling() else comm.wait_tensor(y)
+            y_pad = comm.reduce_scatter_autograd(partial, "sum", 0, self.ep_mesh.get_group())
+            if not torch.compiler.is_compiling():  # eagerly it waits at its first non-view use: here, in this call
+                y_pad = comm.wait_tensor(y_pad)
+            return y_pad[:T].to(x_dtype)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 import moe_ops
-from moe_modules.ep import _comm as comm
 
 FIELDS = ("layer", "call", "experts per token (K)", "model dim (D)", "x dtype", "weights dtype", "activation",
           "routed experts")
@@ -85,8 +84,10 @@ def all_gather_checked(signature: CallSignature, values: list[int], device: torc
     """All-gather ``[*extra, *values]`` of every rank (one host read), check the signatures, and return
     every rank's row."""
     mine = torch.tensor([*extra, *values], dtype=torch.int64, device=device)
-    try:
-        flat = comm.host_ints(comm.all_gather(mine, 0, group))
+    gathered = mine.new_empty(group.size() * mine.numel())
+    try:  # eager only: a plain c10d all-gather (no AsyncCollectiveTensor), read on the host
+        torch.distributed.all_gather_into_tensor(gathered, mine, group=group)
+        flat = gathered.tolist()
     except RuntimeError as e:
         raise signature.failed(e) from e
     n = mine.numel()
