@@ -45,7 +45,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import torch  # noqa: E402
 
-from benchmarks import baselines, common  # noqa: E402
+from benchmarks import baselines, common, lora_paths  # noqa: E402
 
 # Our path with backends forced per op: (name, spec as in MOE_OPS_BACKEND).  Add rows freely;
 # a variant that resolves to exactly the backends of the default path is recorded, not timed.
@@ -211,7 +211,7 @@ def gemm_only_path(case: Case):
     return forward, fwd_bwd
 
 
-def nemo_path(case: Case):
+def nemo_module(case: Case):
     """NeMo AutoModel's ``GroupedExperts`` with ``BackendConfig(experts="torch_mm")``, holding our weights."""
     try:
         from nemo_automodel.components.models.common.utils import BackendConfig
@@ -231,17 +231,58 @@ def nemo_path(case: Case):
     with torch.device(case.device):
         module = NemoGroupedExperts(config, backend=BackendConfig(experts="torch_mm", dispatcher="torch"))
     module.load_state_dict(case.module.state_dict())
+    return module
+
+
+def nemo_path(case: Case):
+    module = nemo_module(case)
     params = [p for p in (module.gate_and_up_projs, module.down_projs, module.gate_up_proj_bias,
                           module.down_proj_bias) if p is not None]
+    return lora_paths.fwd_bwd_path(module, case, params)
 
-    def forward():
-        return module(case.x, case.token_mask, case.weights, case.indices)
 
-    def fwd_bwd():
-        y = forward()
-        return (y, *torch.autograd.grad(y, [case.x, case.weights, *params], case.grad_out))
+def nemo_lora_path(case: Case, ours):
+    """NeMo's ``GroupedExpertsLoRA`` over :func:`nemo_module`, holding ``ours``' adapters."""
+    try:
+        from nemo_automodel.components._peft.lora_experts import GroupedExpertsLoRA
+    except Exception as e:
+        raise NotAvailable(f"nemo_automodel not importable ({type(e).__name__}: {e})") from e
+    module = GroupedExpertsLoRA(nemo_module(case), lora_dim=ours.lora_dim, alpha=ours.lora_dim * ours.scale)
+    module.load_state_dict(ours.state_dict())
+    return lora_paths.lora_path(module, case)
 
-    return forward, fwd_bwd
+
+def lora_rows(case: Case, opts, budget: "Budget") -> dict:
+    """``--lora``: the frozen-base block, and per rank ours and NeMo's LoRA block (lora_paths.py), gated ours
+    against NeMo's."""
+    rows, gate = {}, {}
+    names = ["dx", "dweights", "dA1", "dB1", "dA2", "dB2"]
+    builds = [("frozen", lambda: lora_paths.frozen_path(case))]
+    for rank in opts.lora_ranks:
+        module = lora_paths.ours_lora(case, rank)
+        builds += [(f"ours_lora r{rank}", lambda m=module: lora_paths.lora_path(m, case)),
+                   (f"nemo_lora r{rank}", lambda m=module: nemo_lora_path(case, m))]
+    outputs_of = {}
+    for name, build in builds:
+        if budget.left() <= 0:
+            rows[name] = {"status": "skipped", "reason": "time budget spent"}
+            continue
+        try:
+            forward, fwd_bwd = build()
+            outputs = fwd_bwd()
+            if name.startswith("ours_lora"):
+                outputs_of[name] = outputs
+            elif name.startswith("nemo_lora") and name.replace("nemo", "ours") in outputs_of:
+                gate[name.replace("nemo", "ours")] = compare(outputs_of.pop(name.replace("nemo", "ours")),
+                                                             outputs, names)
+            del outputs
+            rows[name] = measure(forward, fwd_bwd, case, opts)
+        except Exception as e:  # one failing path must not end the run
+            rows[name] = describe_error(e)
+        finally:
+            common.free_memory()
+        _print_progress(case.shape, case.routing, name, rows[name])
+    return {"results": rows, "correctness": gate}
 
 
 def _needs_grouped_mm():
@@ -405,6 +446,8 @@ def run_case(shape: common.Shape, routing: str, device, opts, dense_tflops, budg
             results["te"] = describe_error(e)
         add_rates(results["te"], record["flops"], dense_tflops)
         _print_progress(shape, routing, "te", results["te"])
+    if opts.lora_ranks:
+        record["lora"] = lora_rows(case, opts, budget)
     del case
     common.free_memory()
     return record
@@ -533,6 +576,7 @@ def table(report: dict) -> str:
                 f"{_gib(r.get('saved_bytes')):>6s} "
                 f"{_fmt(ref_ms / fb if ref_ms else None, '6.2f')} {_fmt(gemm_ms / fb if gemm_ms else None, '6.2f')} "
                 f"{err_s:>8s}  {note}")
+        lines += _lora_lines(label, case.get("lora"))
         checks = case.get("checks", {})
         if checks:
             sync, graph = checks.get("sync_free", {}), checks.get("cuda_graph", {})
@@ -546,6 +590,28 @@ def table(report: dict) -> str:
                  "err: max rel err vs torch_ref (y and grads); memGiB: peak extra during fwd+bwd; "
                  "saved: GiB saved for backward (not inputs or parameters)")
     return "\n".join(lines)
+
+
+def _lora_lines(label: str, lora: Optional[dict]) -> list:
+    """``--lora`` rows: time against the frozen-base block, and NeMo's time over ours at the same rank."""
+    if not lora:
+        return []
+    res = lora["results"]
+    ms = {n: r["fwd_bwd"]["median_ms"] for n, r in res.items() if r.get("status") == "ok" and "fwd_bwd" in r}
+    lines = []
+    for name, r in res.items():
+        if name not in ms:
+            lines.append(f"{label:24s} {name:18s} {r.get('status')}: {r.get('reason', '')}"[:160])
+            continue
+        vs_frozen = ms[name] / ms["frozen"] if "frozen" in ms else None
+        rank = name.rpartition(" ")[2]
+        nemo_over_ours = ms.get(f"nemo_lora {rank}", 0) / ms[name] if name.startswith("ours_lora") else None
+        err = lora["correctness"].get(name, {})
+        lines.append(f"{label:24s} {name:18s} {r['fwd']['median_ms']:8.3f} {ms[name]:8.3f} "
+                     f"{_gib(r.get('peak_extra_bytes')):>6s} {_gib(r.get('saved_bytes')):>6s}  x frozen "
+                     f"{_fmt(vs_frozen, '.2f')}  nemo/ours {_fmt(nemo_over_ours or None, '.2f')}  "
+                     f"err vs nemo {_fmt(err.get('max'), '.1e')}{'' if err.get('pass', True) else ' WRONG'}")
+    return lines
 
 
 def write_json(report: dict, path: Path) -> None:
@@ -578,7 +644,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="default: $OUT/bench_experts.json or benchmarks/results/")
+    p.add_argument("--lora", default="", help="comma list of LoRA ranks (e.g. 16,64): adds the frozen-base block "
+                                              "and, per rank, ours and NeMo's GroupedExpertsLoRA (lora_paths.py)")
     opts = p.parse_args(argv)
+    opts.lora_ranks = [int(r) for r in opts.lora.split(",") if r]
     table_ = common.TINY_SHAPES if opts.tiny else common.SHAPES
     opts.shape_list = list(table_.values()) if opts.shapes == "all" else [table_[s] for s in opts.shapes.split(",")]
     opts.routing_list = list(common.ROUTINGS) if opts.routing == "all" else opts.routing.split(",")

@@ -13,6 +13,8 @@
 #   bench  benchmarks/bench_experts.py, every shape x routing x path
 #   host   benchmarks/bench_host.py --profile: host time per call, eager / compiled / reduce-overhead / CUDA graph
 #          against the torch reference path (HOST_ARGS adds arguments, e.g. "--tokens 1,512")
+#   lora   benchmarks/bench_experts.py --lora 16,64 at qwen3 and gptoss20b (uniform): the frozen-base block, ours and
+#          NeMo's GroupedExpertsLoRA (torch_mm) per rank, fwd+bwd time and memory (JSON: $OUT/bench_lora.json)
 #   hf     benchmarks/bench_hf.py: a transformers Qwen3-MoE-shaped model, experts_implementation "moe_ops" against
 #          "grouped_mm" (training step, generate tokens/s; HF_ARGS adds arguments, e.g. "--layers 2")
 #   ep     expert parallelism, for each world size N in EP_SIZES (default "2"; the machine needs N GPUs):
@@ -108,6 +110,11 @@ step_bench() {
   $PY benchmarks/bench_experts.py --time-budget "$budget" ${BENCH_ARGS:-}
 }
 
+step_lora() {
+  $PY benchmarks/bench_experts.py --shapes qwen3,gptoss20b --routing uniform --lora 16,64 --skip-baselines \
+    --paths ours --no-checks --time-budget $(( STEP_LIMIT - 60 )) --json "$OUT/bench_lora.json" ${LORA_ARGS:-}
+}
+
 step_host() {
   $PY benchmarks/bench_host.py --profile ${HOST_ARGS:-}
 }
@@ -137,7 +144,7 @@ step_plot() {
 }
 
 export PY OUT
-export -f step_env step_te step_tests step_check step_bench step_host step_hf step_ep step_plot
+export -f step_env step_te step_tests step_check step_bench step_lora step_host step_hf step_ep step_plot
 
 want env   && run_step env 60
 want te    && run_step te 200
@@ -145,6 +152,7 @@ want ep    && run_step ep "${EP_CAP_S:-400}"
 want tests && run_step tests 150
 want check && run_step check 90
 want bench && run_step bench 420
+want lora  && run_step lora "${LORA_CAP_S:-300}"
 want host  && run_step host "${HOST_CAP_S:-400}"
 want hf    && run_step hf "${HF_CAP_S:-300}"
 want plot  && run_step plot 60

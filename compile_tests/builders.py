@@ -69,6 +69,32 @@ class Case:
 
 
 ALL_CASES = [Case(*c) for c in itertools.product(MODULES, ACTIVATIONS, (True, False), DTYPES)]
+
+
+@dataclass(frozen=True)
+class LoRACase(Case):
+    """The LoRA module over ``Case``'s module (frozen base; nonzero adapters, B included)."""
+
+    output_names = ("y", "grad_x", "grad_weights", "grad_lora_gate_and_up_A", "grad_lora_gate_and_up_B",
+                    "grad_lora_down_A", "grad_lora_down_B")
+
+    @property
+    def id(self) -> str:
+        return "LoRA-" + super().id
+
+    def build(self, seed: int = 0) -> nn.Module:
+        from moe_modules import GroupedExpertsDeepEPLoRA, GroupedExpertsLoRA
+
+        wrap = GroupedExpertsLoRA if self.module is GroupedExperts else GroupedExpertsDeepEPLoRA
+        module = wrap(super().build(seed), lora_dim=4, alpha=8)
+        with torch.no_grad():
+            for name in ("lora_gate_and_up_B", "lora_down_B"):
+                getattr(module, name).normal_(0.0, 0.3)
+        return module
+
+
+LORA_CASES = [LoRACase(GroupedExperts, "swiglu", True, torch.float32),
+              LoRACase(GroupedExpertsDeepEP, "quick_geglu", False, torch.bfloat16)]
 REPRESENTATIVE = Case(GroupedExperts, "swiglu", True, torch.float32)
 
 
@@ -131,7 +157,7 @@ def forward_backward(fn: Callable, module: nn.Module, inputs: Sequence[Tensor], 
     y = fn(x, token_mask, weights, indices)
     g = torch.Generator().manual_seed(seed)
     y.backward(torch.randn(y.shape, generator=g).to(y.device, y.dtype))
-    return [y.detach(), x.grad, weights.grad, *(p.grad for p in module.parameters())]
+    return [y.detach(), x.grad, weights.grad, *(p.grad for p in module.parameters() if p.requires_grad)]
 
 
 OUTPUT_NAMES = ("y", "grad_x", "grad_weights", "grad_gate_and_up_projs", "grad_down_projs",
@@ -147,9 +173,9 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
 
 
 def assert_close(actual: Sequence[Optional[Tensor]], expected: Sequence[Optional[Tensor]], rtol: float,
-                 what: str = "") -> None:
+                 what: str = "", names: Sequence[str] = OUTPUT_NAMES) -> None:
     assert len(actual) == len(expected), f"{what}: {len(actual)} results, expected {len(expected)}"
-    for name, a, e in zip(OUTPUT_NAMES, actual, expected):
+    for name, a, e in zip(names, actual, expected):
         assert e is not None, f"{what}: eager gave no {name}"
         assert a is not None, f"{what}: compiled gave no {name}"
         assert a.shape == e.shape and a.dtype == e.dtype, f"{what}: {name} {a.shape} {a.dtype} vs {e.shape} {e.dtype}"

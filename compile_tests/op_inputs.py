@@ -68,6 +68,7 @@ def op_samples(scenario: str, dtype: torch.dtype, seed: int = 0) -> Iterator[tup
                    (leaf(R, width), h, probs, *params))
             yield (f"activation_backward_with_output-{kind}{name}", ops.activation_backward_with_output.default,
                    (leaf(R, width), h, probs, *params))
+            yield f"activation_mm-{kind}{name}", ops.activation_mm.default, (h, probs, leaf(E, width, 3), offsets, *params)
     # The fused steps (moe_ops/ops/fused.py): x [T, C] -> h [R, up] and h -> y [T, C].
     routed = (pair_of_row, row_of_pair, offsets)
     for name, b1 in (("", leaf(E, 2 * C)), ("-no_bias", None)):

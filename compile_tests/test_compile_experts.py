@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from compile_tests.builders import ALL_CASES, RTOL, TOKEN_COUNTS, assert_close, forward_backward, make_inputs
+from compile_tests.builders import (
+    ALL_CASES, LORA_CASES, OUTPUT_NAMES, RTOL, TOKEN_COUNTS, assert_close, forward_backward, make_inputs,
+)
 
 DEFAULT_DYNAMO = dict(capture_scalar_outputs=False, capture_dynamic_output_shape_ops=False)
 
@@ -28,7 +30,8 @@ def check_one_graph_matches_eager(case, backend: str) -> None:
             inputs = make_inputs(T, case.dtype)
             got = forward_backward(compiled, module, inputs, tokens_dynamic=True)
             expected = forward_backward(module, module, inputs)
-            assert_close(got, expected, RTOL[backend, case.dtype], f"{case.id} {backend} T={T}")
+            assert_close(got, expected, RTOL[backend, case.dtype], f"{case.id} {backend} T={T}",
+                         getattr(case, "output_names", OUTPUT_NAMES))
     assert counter.frame_count == 1, f"{case.id}: {counter.frame_count} graphs for T in {TOKEN_COUNTS}"
 
 
@@ -40,3 +43,9 @@ def test_aot_eager_one_graph_matches_eager(case):
 @pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.id)
 def test_inductor_one_graph_matches_eager(case):
     check_one_graph_matches_eager(case, "inductor")
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("case", LORA_CASES, ids=lambda c: c.id)
+def test_lora_one_graph_matches_eager(case, backend):
+    check_one_graph_matches_eager(case, backend)

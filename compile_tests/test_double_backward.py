@@ -10,12 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+import moe_ops
+
 from moe_modules import GroupedExperts, MoEConfig
 
 T, E, K, D, I = 4, 3, 2, 3, 2
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "quick_geglu", "swigluoai", "relu2"])
+@pytest.mark.parametrize("activation", list(moe_ops.GATED))
 def test_expert_block_gradgradcheck(activation):
     torch.manual_seed(0)
     config = MoEConfig(n_routed_experts=E, n_activated_experts=K, dim=D, moe_inter_dim=I, expert_activation=activation,

@@ -8,5 +8,7 @@ from moe_modules.config import MoEConfig
 from moe_modules.ep import apply_ep
 from moe_modules.grouped_experts import GroupedExperts, GroupedExpertsDeepEP
 from moe_modules.te import GroupedExpertsTE
+from moe_modules.lora import GroupedExpertsDeepEPLoRA, GroupedExpertsLoRA
 
-__all__ = ["MoEConfig", "GroupedExperts", "GroupedExpertsDeepEP", "GroupedExpertsTE", "apply_ep"]
+__all__ = ["MoEConfig", "GroupedExperts", "GroupedExpertsDeepEP", "GroupedExpertsTE", "GroupedExpertsLoRA",
+           "GroupedExpertsDeepEPLoRA", "apply_ep"]

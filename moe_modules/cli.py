@@ -23,7 +23,7 @@ from moe_modules import GroupedExperts, GroupedExpertsDeepEP, GroupedExpertsTE, 
 from moe_modules import reference
 from moe_modules.te import transformer_engine_available
 
-ACTIVATIONS = ("swiglu", "quick_geglu", "swigluoai", "relu2")
+ACTIVATIONS = tuple(moe_ops.GATED)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 

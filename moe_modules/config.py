@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -14,7 +15,8 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 _FLOAT_DTYPES = tuple(dict.fromkeys(_DTYPES.values()))  # the parameter dtypes, each once
 
 
-def _dtype(name: str, value) -> torch.dtype:
+def parse_dtype(name: str, value) -> torch.dtype:
+    """A floating ``torch.dtype`` from a dtype or its name (``"bf16"``, ``"torch.float32"``, ...); ``name`` for errors."""
     if isinstance(value, str):
         key = value.replace("torch.", "")
         if key not in _DTYPES:
@@ -34,13 +36,7 @@ def _positive(name: str, value) -> int:
     return value
 
 
-_NEMO_ONLY_ACTIVATIONS = ("geglu",)  # NeMo AutoModel 0.7.0 has it; moe-ops not yet
-
-
 def _activation(name: str, value) -> str:
-    if value in _NEMO_ONLY_ACTIVATIONS:
-        raise NotImplementedError(f"{name}={value!r}: NeMo's {value} activation is not implemented in moe-ops yet; "
-                                  f"expected one of {sorted(GATED)}")
     check_activation(value, name)
     return value
 
@@ -52,11 +48,8 @@ def _optional(check):
 
 
 def _swiglu_limit(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{name}: expected a non-negative number, got {value!r}")
-    if value > 0:
-        raise NotImplementedError(f"{name}={value!r}: NeMo's clamped SwiGLU (swiglu_limit > 0) is not implemented "
-                                  "in moe-ops yet; only swiglu_limit=0 is accepted")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name}: expected a finite non-negative number, got {value!r}")
     return float(value)
 
 
@@ -66,10 +59,10 @@ def _check_at_most(name: str, value: int, bound_name: str, bound: int) -> None:
         raise ValueError(f"{name}: expected at most {bound_name}={bound}, got {value}")
 
 
-_FIELD_CHECKS = {"dtype": _dtype, "expert_activation": _activation, "n_routed_experts": _positive,
+_FIELD_CHECKS = {"dtype": parse_dtype, "expert_activation": _activation, "n_routed_experts": _positive,
                  "n_activated_experts": _positive, "dim": _positive, "moe_inter_dim": _positive,
                  "moe_latent_size": _optional(_positive), "swiglu_limit": _swiglu_limit,
-                 "gate_dtype": _optional(_dtype)}
+                 "gate_dtype": _optional(parse_dtype)}
 _ROUTED_PAIR = ("n_routed_experts", "n_activated_experts")
 
 
@@ -101,7 +94,8 @@ class MoEConfig:
     # the activation.  Both are p * (act(h) @ W2 + b2): the expert modules give the same result either way
     # (they round once, in float32).
     apply_router_weight_after_down: bool = False
-    # NeMo's clamped SwiGLU (DeepSeek-V4) when > 0: not implemented here yet, so only 0 is accepted.
+    # NeMo's clamped SwiGLU (DeepSeek-V4) when > 0 and expert_activation is "swiglu": gate clamped at
+    # max=swiglu_limit, up at +-swiglu_limit, then silu(gate) * up, in float32.
     swiglu_limit: float = 0.0
     # The experts' width when set (NeMo's latent MoE): gate_and_up_projs [E, L, 2I], down_projs [E, I, L],
     # and x [T, L]; the projections to and from it belong to the MoE layer, not the experts.

@@ -19,6 +19,7 @@ from torch import Tensor
 
 import moe_ops
 from moe_modules.config import MoEConfig
+from moe_modules.expert_block import Activation
 from moe_modules.grouped_experts import GroupedExperts, GroupedExpertsDeepEP
 from moe_modules.te import GroupedExpertsTE
 
@@ -70,7 +71,7 @@ def _check_whole_expert(kind, x, gate_and_up_proj, down_proj, gate_up_proj_bias,
             _check_size(name, bias.shape[0], width, "size")
 
 
-def _whole_expert(kind, x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, **params):
+def _whole_expert(kind, x, gate_and_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None, **params):
     _check_whole_expert(kind, x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)
     h = x @ gate_and_up_proj
     if gate_up_proj_bias is not None:
@@ -90,7 +91,7 @@ def quick_geglu(
     x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None,
     alpha: float = 1.702, limit: Optional[float] = 7.0, linear_offset: float = 1.0,
 ) -> Tensor:
-    """GPT-OSS's clamped quick-GEGLU with interleaved gate/up columns."""
+    """GPT-OSS: interleaved gate/up columns, clamped at ``limit``, ``gate * sigmoid(alpha * gate) * (up + offset)``."""
     return _whole_expert("quick_geglu", x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias,
                          alpha=alpha, limit=limit, linear_offset=linear_offset)
 
@@ -104,39 +105,47 @@ def swigluoai(
                          alpha=alpha, limit=limit, linear_offset=linear_offset)
 
 
+def swiglu_clamped(x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None,
+                   limit: float) -> Tensor:
+    """NeMo's clamped SwiGLU (``swiglu_limit > 0``, DeepSeek-V4): ``gate = min(gate, limit)``,
+    ``up = clamp(up, -limit, limit)``, ``silu(gate) * up`` (``swigluoai`` with alpha 1, offset 0)."""
+    kind, params = _clamped_swiglu(limit)
+    return _whole_expert(kind, x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, **params)
+
+
+def geglu(x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None) -> Tensor:
+    """NeMo's ``geglu`` (Gemma): ``(gelu_tanh(gate) * up) @ down_proj``, gate|up concatenated."""
+    return _whole_expert("geglu", x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)
+
+
 def relu2(x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None) -> Tensor:
     """ReLU²: ``relu(x @ gate_and_up_proj + b1) ** 2 @ down_proj + b2``; ``gate_and_up_proj`` is ``[D, I]``."""
     return _whole_expert("relu2", x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)
 
 
+def _clamped_swiglu(limit: float):
+    """``(kind, params)`` of clamped SwiGLU for :func:`_whole_expert` / ``moe_ops.activation``."""
+    act = Activation.clamped_swiglu(limit)
+    return act.kind, dict(alpha=act.alpha, limit=act.limit, linear_offset=act.linear_offset)
+
+
 def get_expert_activation(config: MoEConfig):
-    """The whole-expert callable for ``config.expert_activation``, alpha/limit bound."""
-    moe_ops.check_activation(config.expert_activation)
-    helper = {"swiglu": swiglu, "quick_geglu": quick_geglu, "swigluoai": swigluoai, "relu2": relu2}[
-        config.expert_activation]
-    if config.expert_activation in _CLAMPED:
-        return functools.partial(helper, alpha=config.activation_alpha, limit=config.activation_limit,
-                                 linear_offset=config.activation_linear_offset)
-    return helper
-
-
-_CLAMPED = ("quick_geglu", "swigluoai")  # the activations that take alpha, limit and linear_offset
+    """The whole-expert callable ``(x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None,
+    down_proj_bias=None)`` of ``config`` (its activation, alpha/limit/offset and ``swiglu_limit`` bound)."""
+    act = Activation.from_config(config)
+    return functools.partial(_whole_expert, act.kind, alpha=act.alpha, limit=act.limit,
+                             linear_offset=act.linear_offset)
 
 
 def swiglu_deepep(x: Tensor, permuted_probs: Tensor) -> Tensor:
-    """``silu(gate) * up * probs`` with ``gate, up = x.chunk(2, -1)``."""
+    """``silu(gate) * up * probs`` on the first GEMM's output ``x`` (``[N, 2I]``)."""
     return moe_ops.activation(x, permuted_probs, "swiglu")
 
 
 def quick_geglu_deepep(x: Tensor, permuted_probs: Tensor, alpha: float = 1.702, limit: Optional[float] = 7.0,
                        linear_offset: float = 1.0) -> Tensor:
-    """Quick-GEGLU (interleaved gate/up, clamped at ``limit``) times ``probs``."""
+    """GPT-OSS's quick-GEGLU (interleaved gate/up, clamped at ``limit``) times ``probs``."""
     return moe_ops.activation(x, permuted_probs, "quick_geglu", alpha, limit, linear_offset)
-
-
-def relu2_deepep(x: Tensor, permuted_probs: Tensor) -> Tensor:
-    """``relu(x) ** 2 * probs``."""
-    return moe_ops.activation(x, permuted_probs, "relu2")
 
 
 def swigluoai_deepep(x: Tensor, permuted_probs: Tensor, alpha: float = 1.702, limit: Optional[float] = 7.0,
@@ -145,19 +154,32 @@ def swigluoai_deepep(x: Tensor, permuted_probs: Tensor, alpha: float = 1.702, li
     return moe_ops.activation(x, permuted_probs, "swigluoai", alpha, limit, linear_offset)
 
 
+def swiglu_clamped_deepep(x: Tensor, permuted_probs: Tensor, limit: float) -> Tensor:
+    """NeMo's clamped SwiGLU (:func:`swiglu_clamped`) times ``probs``."""
+    kind, params = _clamped_swiglu(limit)
+    return moe_ops.activation(x, permuted_probs, kind, **params)
+
+
+def geglu_deepep(x: Tensor, permuted_probs: Tensor) -> Tensor:
+    """NeMo's ``geglu`` (``gelu_tanh(gate) * up``, concatenated) times ``probs``."""
+    return moe_ops.activation(x, permuted_probs, "geglu")
+
+
+def relu2_deepep(x: Tensor, permuted_probs: Tensor) -> Tensor:
+    """``relu(x) ** 2 * probs`` (``x`` is the up projection's output, ``[N, I]``)."""
+    return moe_ops.activation(x, permuted_probs, "relu2")
+
+
 def get_expert_activation_for_deepep(config: MoEConfig):
-    """The ``(h, permuted_probs) -> out`` callable for ``config.expert_activation``."""
-    moe_ops.check_activation(config.expert_activation)
-    helper = {"swiglu": swiglu_deepep, "quick_geglu": quick_geglu_deepep, "swigluoai": swigluoai_deepep,
-              "relu2": relu2_deepep}[config.expert_activation]
-    if config.expert_activation in _CLAMPED:
-        return functools.partial(helper, alpha=config.activation_alpha, limit=config.activation_limit,
-                                 linear_offset=config.activation_linear_offset)
-    return helper
+    """The ``(h, permuted_probs) -> out`` callable of ``config`` (alpha/limit/offset and ``swiglu_limit`` bound)."""
+    act = Activation.from_config(config)
+    return functools.partial(moe_ops.activation, kind=act.kind, alpha=act.alpha, limit=act.limit,
+                             linear_offset=act.linear_offset)
 
 
 __all__ = [
-    "GroupedExperts", "GroupedExpertsDeepEP", "GroupedExpertsTE",
-    "is_gated_activation", "swiglu", "quick_geglu", "swigluoai", "relu2", "get_expert_activation",
-    "swiglu_deepep", "quick_geglu_deepep", "swigluoai_deepep", "relu2_deepep", "get_expert_activation_for_deepep",
+    "GroupedExperts", "GroupedExpertsDeepEP", "GroupedExpertsTE", "is_gated_activation",
+    "swiglu", "quick_geglu", "swigluoai", "swiglu_clamped", "geglu", "relu2", "get_expert_activation",
+    "swiglu_deepep", "quick_geglu_deepep", "swigluoai_deepep", "swiglu_clamped_deepep", "geglu_deepep",
+    "relu2_deepep", "get_expert_activation_for_deepep",
 ]

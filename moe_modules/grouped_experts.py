@@ -13,11 +13,11 @@ import torch
 from torch import Tensor, nn
 
 import moe_ops
-from moe_modules._params import create_expert_params, init_expert_params, local_expert_params
+from moe_modules._params import PARAM_NAMES, create_expert_params, init_expert_params, local_expert_params
 from moe_modules.config import MoEConfig
 from moe_modules.ep import make_dispatcher
 from moe_modules.ep.dispatcher import Dispatcher, LocalDispatcher
-from moe_modules.expert_block import Activation, run_experts
+from moe_modules.expert_block import Activation, LowRank, run_experts
 
 
 class _StackedExperts(nn.Module):
@@ -26,6 +26,7 @@ class _StackedExperts(nn.Module):
     Under expert parallelism (:func:`moe_modules.apply_ep`) they are ``Shard(0)`` DTensors."""
 
     default_transport = "all_to_all"
+    expert_param_names = PARAM_NAMES  # what apply_ep shards Shard(0)
 
     def __init__(self, config: MoEConfig, backend=None):
         super().__init__()
@@ -52,8 +53,12 @@ class _StackedExperts(nn.Module):
         params = local_expert_params(self)
         if params[0].dtype != x.dtype:  # as NeMo: parameters of another dtype compute in the activations'
             params = tuple(None if p is None else p.to(x.dtype) for p in params)
-        partial = run_experts(received, *params, self.activation)
+        partial = run_experts(received, *params, self.activation, self.low_rank(x.dtype))
         return self.token_dispatcher.combine(partial, received)
+
+    def low_rank(self, dtype: torch.dtype) -> Optional[LowRank]:
+        """The adapters of this rank's experts in ``dtype`` (none here; ``moe_modules.lora`` adds them)."""
+        return None
 
     def init_weights(self, buffer_device: torch.device, init_std: float = 0.02) -> None:
         init_expert_params(self, buffer_device, init_std)

@@ -10,8 +10,8 @@ through the ``moe`` ops::
     # or, on a loaded model: model.set_experts_implementation("moe_ops")
 
 The experts' own tensors are read in place: transformers' ``[E, out, in]`` layout is handed to the
-ops as a transposed view (``is_transposed`` classes as they are), concatenated gate|up as ``swiglu``,
-GPT-OSS's interleaved, clamped gate as ``quick_geglu`` (its ``alpha`` and ``limit``), a class without
+ops as a transposed view (``is_transposed`` classes as they are), concatenated gate|up as ``swiglu``
+(SiLU) or ``geglu`` (tanh-approximated GELU: Gemma 4), GPT-OSS's interleaved, clamped gate as ``quick_geglu`` (its ``alpha`` and ``limit``), a class without
 gate (``has_gate=False``) with ReLU² as ``relu2``; biases as the decorator declares them.  Indices of
 ``num_experts`` or more (transformers' expert-parallel sentinels) are not routed.  A class this cannot
 map — another activation or gate function, a post-expert norm — runs transformers' ``grouped_mm``
@@ -44,6 +44,7 @@ def _act_name(act_fn) -> str:
 
 
 _SILU = ("silu", "siluactivation")
+_GELU_TANH = ("gelutanh", "newgeluactivation", "fastgeluactivation")  # transformers' tanh-approximated GELUs
 _RELU2 = ("relusquaredactivation",)
 
 
@@ -60,7 +61,9 @@ def activation_of(experts: nn.Module) -> tuple[Optional[Activation], str]:
     if experts.is_concatenated:
         if gate_fn is _hf_moe._default_apply_gate and act in _SILU:
             return Activation("swiglu"), ""
-        return None, f"its gate ({gate_fn.__qualname__} with {act}) is not SwiGLU"
+        if gate_fn is _hf_moe._default_apply_gate and act in _GELU_TANH:  # Gemma 4
+            return Activation("geglu"), ""
+        return None, f"its gate ({gate_fn.__qualname__} with {act}) is not SwiGLU or tanh-GEGLU"
     alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
     if alpha is not None and limit is not None:  # GPT-OSS's interleaved, clamped gate: our quick_geglu
         return Activation("quick_geglu", float(alpha), float(limit), 1.0), ""

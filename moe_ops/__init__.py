@@ -13,6 +13,7 @@ from moe_ops.ops.bias import add_expert_bias, expert_bias_backward
 from moe_ops.ops.activation import (
     GATED, activation, activation_backward, activation_backward_with_output, check_activation,
 )
+from moe_ops.ops.activation_mm import activation_mm
 from moe_ops.ops.fused import expert_down, expert_down_backward, expert_up, expert_up_backward
 from moe_ops.ops.peer import MAX_SOURCES, gather_from, put_to, sum_from
 from moe_ops.ops.exchange import peer_combine, peer_dispatch
@@ -35,6 +36,7 @@ __all__ = [
     "activation",
     "activation_backward",
     "activation_backward_with_output",
+    "activation_mm",
     "expert_up",
     "expert_up_backward",
     "expert_down",

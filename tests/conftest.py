@@ -264,7 +264,7 @@ def op_args() -> type[OpArgs]:
 ACTIVATION_VARIANTS = [
     dict(kind=kind, limit=limit, probs=probs)
     for kind, limit in (("swiglu", 7.0), ("quick_geglu", 7.0), ("quick_geglu", None), ("swigluoai", 7.0),
-                        ("relu2", 7.0))
+                        ("geglu", None), ("relu2", 7.0))
     for probs in ("none", "N", "N1")
 ]
 ROUTED_VARIANTS = [

@@ -316,7 +316,8 @@ def test_expert_bias(dtype, probs_shape):
 
 # ---- activations -----------------------------------------------------------------------------
 
-ACTIVATIONS = [("swiglu", 7.0), ("quick_geglu", 7.0), ("quick_geglu", None), ("swigluoai", 7.0), ("relu2", None)]
+ACTIVATIONS = [("swiglu", 7.0), ("quick_geglu", 7.0), ("quick_geglu", None), ("swigluoai", 7.0), ("geglu", None),
+               ("relu2", None)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -429,6 +430,40 @@ def test_module_matches_float64_reference():
     y64 = f64_reference.expert_block(x64, mask, w64, indices, *p64, kind="quick_geglu", alpha=1.702, limit=2.0)
     y64.backward(torch.ones_like(y64))
     for got, want in zip([y, x.grad, weights.grad] + [p.grad for p in params], [y64, x64.grad, w64.grad] + [p.grad for p in p64]):
+        assert (got.double() - want).norm() <= 1e-5 * want.norm() + 1e-12
+
+
+def test_lora_module_matches_float64_reference():
+    """GroupedExpertsLoRA on the triton backend (its low-rank ops included) against the float64 loop oracle
+    with the merged weights W + scale * A @ B."""
+    from moe_modules import GroupedExperts, GroupedExpertsLoRA, MoEConfig
+
+    config = MoEConfig(n_routed_experts=E, n_activated_experts=3, dim=D, moe_inter_dim=I,
+                       expert_activation="swiglu", expert_bias=True, dtype=torch.float32)
+    base = GroupedExperts(config)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(randn(*p.shape, scale=0.3))
+    module = GroupedExpertsLoRA(base, lora_dim=4, alpha=8)
+    adapters = [module.lora_gate_and_up_A, module.lora_gate_and_up_B, module.lora_down_A, module.lora_down_B]
+    with torch.no_grad():
+        for p in adapters:
+            p.copy_(randn(*p.shape, scale=0.3))
+    indices, mask, _, _ = make_routing("mixed")
+    x = randn(indices.shape[0], D).requires_grad_()
+    weights = torch.rand(indices.shape, dtype=torch.float64).float().requires_grad_()
+    with use_backend("triton"):
+        y = module(x, mask, weights, indices)
+        y.backward(torch.ones_like(y))
+    x64, w64 = x.detach().double().requires_grad_(), weights.detach().double().requires_grad_()
+    a64 = [p.detach().double().requires_grad_() for p in adapters]
+    w1 = base.gate_and_up_projs.double() + module.scale * torch.bmm(a64[0], a64[1])
+    w2 = base.down_projs.double() + module.scale * torch.bmm(a64[2], a64[3])
+    y64 = f64_reference.expert_block(x64, mask, w64, indices, w1, w2, base.gate_up_proj_bias.double(),
+                                     base.down_proj_bias.double(), kind="swiglu")
+    y64.backward(torch.ones_like(y64))
+    for got, want in zip([y, x.grad, weights.grad] + [p.grad for p in adapters],
+                         [y64, x64.grad, w64.grad] + [p.grad for p in a64]):
         assert (got.double() - want).norm() <= 1e-5 * want.norm() + 1e-12
 
 

@@ -319,7 +319,7 @@ HELPER_CASES = [  # (id, replace, exception, substrings: argument, expected, act
 ]
 
 
-@pytest.mark.parametrize("helper", ["swiglu", "quick_geglu", "swigluoai"])
+@pytest.mark.parametrize("helper", ["swiglu", "quick_geglu", "swigluoai", "geglu"])
 @pytest.mark.parametrize("replace, exc_type, needles", [c[1:] for c in HELPER_CASES], ids=[c[0] for c in HELPER_CASES])
 def test_whole_expert_helper_rejects_bad_input(helper, replace, exc_type, needles):
     from moe_modules import experts

@@ -214,3 +214,21 @@ def test_hf_benchmark_runs_both_implementations_on_the_cpu(tmp_path):
         assert result["train_step_ms"]["median_ms"] > 0 and result["generate_tok_s"] > 0, (name, result)
         assert result["same_tokens"] and result["max_logit_err"] <= 1e-4, (name, result)
     assert "moe_ops: train step" in stdout
+
+
+def test_lora_rows_time_frozen_ours_and_nemo_and_gate_ours_against_nemo(tmp_path):
+    """``bench_experts.py --lora``: the frozen-base block and, per rank, ours and NeMo's LoRA block."""
+    pytest.importorskip("nemo_automodel", reason="nemo-automodel is not installed (pip install --no-deps, README)")
+    _, report, stdout = run_benchmark(tmp_path, "bench_experts", "--tiny", "--shapes", "qwen3,gptoss20b",
+                                      "--routing", "uniform", "--lora", "4,8", "--skip-baselines", "--paths", "ours",
+                                      "--no-checks", timeout=300)
+    for case in report["cases"]:
+        rows = case["lora"]["results"]
+        assert set(rows) == {"frozen", "ours_lora r4", "nemo_lora r4", "ours_lora r8", "nemo_lora r8"}
+        for name, result in rows.items():
+            assert result["status"] == "ok" and result["fwd_bwd"]["median_ms"] > 0, (name, result)
+        gate = case["lora"]["correctness"]
+        assert set(gate) == {"ours_lora r4", "ours_lora r8"}
+        assert all(g["pass"] and g["max"] < 2e-2 for g in gate.values()), gate
+    assert any(line.startswith("qwen3/uniform") and "ours_lora r8" in line and "x frozen" in line
+               for line in stdout.splitlines())

@@ -66,7 +66,7 @@ def _forward_backward(module, args):
     return y.detach(), grads
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "quick_geglu", "swigluoai", "relu2"])
+@pytest.mark.parametrize("activation", list(moe_ops.GATED))
 def test_plain_eager_forward_and_backward_skip_the_dispatcher(dispatched, activation):
     module, args = _block(activation)
     with torch.no_grad():

@@ -8,6 +8,8 @@ import torch
 import reference
 from moe_modules import MoEConfig
 from moe_modules.experts import (
+    geglu,
+    geglu_deepep,
     get_expert_activation,
     get_expert_activation_for_deepep,
     is_gated_activation,
@@ -16,12 +18,17 @@ from moe_modules.experts import (
     relu2,
     relu2_deepep,
     swiglu,
+    swiglu_clamped,
+    swiglu_clamped_deepep,
     swiglu_deepep,
+    swigluoai,
+    swigluoai_deepep,
 )
 
 N, D, I = 5, 6, 4
-WHOLE = {"swiglu": swiglu, "quick_geglu": quick_geglu, "relu2": relu2}
-DEEPEP = {"swiglu": swiglu_deepep, "quick_geglu": quick_geglu_deepep, "relu2": relu2_deepep}
+WHOLE = {"swiglu": swiglu, "quick_geglu": quick_geglu, "swigluoai": swigluoai, "geglu": geglu, "relu2": relu2}
+DEEPEP = {"swiglu": swiglu_deepep, "quick_geglu": quick_geglu_deepep, "swigluoai": swigluoai_deepep,
+          "geglu": geglu_deepep, "relu2": relu2_deepep}
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
@@ -45,8 +52,16 @@ def reference_whole(kind, x, w, **params):
 
 
 def test_is_gated_activation():
-    assert is_gated_activation("swiglu") and is_gated_activation("quick_geglu")
+    assert all(is_gated_activation(kind) for kind in ("swiglu", "quick_geglu", "swigluoai", "geglu"))
     assert not is_gated_activation("relu2")
+
+
+def test_the_geglu_oracle_is_torchs_tanh_gelu():
+    """The oracle writes tanh-GELU as ``gate * sigmoid(2k)`` (no cancellation); it is torch's function."""
+    h = randn(64, 2 * I, scale=3.0)
+    gate, up = h.chunk(2, dim=1)
+    torch.testing.assert_close(reference.act(h, "geglu"), torch.nn.functional.gelu(gate, approximate="tanh") * up,
+                               rtol=1e-14, atol=1e-15)
 
 
 # ---- whole-expert forms ---------------------------------------------------------------------------------
@@ -115,6 +130,26 @@ def test_quick_geglu_deepep_uses_alpha_limit_and_offset():
     out = quick_geglu_deepep(h, probs, alpha=1.2, limit=1.5, linear_offset=0.5)
     expected = reference.activation(h, probs, "quick_geglu", alpha=1.2, limit=1.5, linear_offset=0.5)
     reference.assert_matches(out, expected, 1e-12)
+
+
+@pytest.mark.parametrize("limit", [0.5, 3.0])
+def test_clamped_swiglu_forms(limit):
+    """NeMo's clamped SwiGLU: the whole-expert and probability forms, the config lookups and the gradients."""
+    x, w = randn(N, D, scale=2.0), expert_weights("swiglu", True)
+    h = randn(N, 2 * I, scale=4.0)
+    probs = torch.rand(N, dtype=torch.float64)
+    rows = reference.f64_keep(x) @ w["gate_and_up_proj"] + w["gate_up_proj_bias"]
+    want_whole = reference.act(rows, "swiglu", swiglu_limit=limit) @ w["down_proj"] + w["down_proj_bias"]
+    want_deepep = reference.act(h, "swiglu", swiglu_limit=limit) * probs.unsqueeze(1)
+    cfg = config("swiglu", swiglu_limit=limit)
+    for got in (swiglu_clamped(x, **w, limit=limit), get_expert_activation(cfg)(x, **w)):
+        reference.assert_matches(got, want_whole, 1e-12)
+    for got in (swiglu_clamped_deepep(h, probs, limit), get_expert_activation_for_deepep(cfg)(h, probs)):
+        reference.assert_matches(got, want_deepep, 1e-12)
+    assert not torch.allclose(swiglu_clamped_deepep(h, probs, limit), swiglu_deepep(h, probs))  # the clamp is hit
+    h.requires_grad_()
+    probs.requires_grad_()
+    assert torch.autograd.gradcheck(lambda h, p: swiglu_clamped_deepep(h, p, limit), (h, probs))
 
 
 # ---- lookups bind the config's alpha / limit --------------------------------------------------------------

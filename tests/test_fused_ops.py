@@ -14,7 +14,8 @@ import torch
 import moe_ops
 
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-KINDS = [("swiglu", 7.0), ("quick_geglu", 2.0), ("quick_geglu", None), ("swigluoai", 2.0), ("relu2", 7.0)]
+KINDS = [("swiglu", 7.0), ("quick_geglu", 2.0), ("quick_geglu", None), ("swigluoai", 2.0), ("geglu", None),
+         ("relu2", 7.0)]
 D, I = 5, 3  # odd widths
 
 

@@ -13,6 +13,8 @@ import re
 import pytest
 import torch
 
+import moe_ops
+
 import reference
 from moe_modules import GroupedExperts, GroupedExpertsDeepEP, MoEConfig
 
@@ -29,6 +31,8 @@ ACTIVATIONS = {
     "quick_geglu": ("quick_geglu", dict(activation_alpha=1.5, activation_limit=2.0)),
     "quick_geglu_nolimit": ("quick_geglu", dict(activation_limit=None)),
     "swigluoai": ("swigluoai", dict(activation_alpha=1.5, activation_limit=2.0)),
+    "swiglu_clamped": ("swiglu", dict(swiglu_limit=1.0)),
+    "geglu": ("geglu", {}),
     "relu2": ("relu2", {}),
 }
 
@@ -70,7 +74,8 @@ def reference_run(module, x, token_mask, weights, indices, grad_y):
     y = reference.expert_block(
         leaves["x"], token_mask.cpu(), leaves["weights"], indices.cpu(), leaves["gate_and_up_projs"],
         leaves["down_projs"], leaves.get("gate_up_proj_bias"), leaves.get("down_proj_bias"),
-        c.expert_activation, c.activation_alpha, c.activation_limit, c.activation_linear_offset)
+        c.expert_activation, c.activation_alpha, c.activation_limit, c.activation_linear_offset,
+        swiglu_limit=c.swiglu_limit)
     if y.requires_grad:  # with every token masked, nothing depends on any input
         y.backward(reference.f64(grad_y))
     return y.detach(), {n: torch.zeros_like(t) if t.grad is None else t.grad for n, t in leaves.items()}
@@ -186,7 +191,7 @@ def test_nan_in_one_token_stays_in_that_token(cls, mixed_routing, device):
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("activation", ["swiglu", "quick_geglu", "swigluoai", "relu2"])
+@pytest.mark.parametrize("activation", list(moe_ops.GATED))
 @pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
 def test_state_dict_keys_and_shapes(cls, activation, bias):
     E, width = 4, (I if activation == "relu2" else 2 * I)

@@ -7,6 +7,7 @@ and ``apply_router_weight_after_down`` — checked against the real ``nemo-autom
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 
 import pytest
@@ -46,15 +47,10 @@ def test_every_field_of_nemo_config_is_accepted_and_kept():
     assert ours.expert_dim == cfg.expert_dim == 5
 
 
-def test_clamped_swiglu_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="swiglu_limit"):
-        ours_from(nemo_cfg(swiglu_limit=7.0))
-
-
-@pytest.mark.parametrize("activation", ["geglu"])
-def test_nemo_activations_not_implemented_here_are_refused_clearly(activation):
-    with pytest.raises(NotImplementedError, match=f"expert_activation={activation!r}"):
-        ours_from(nemo_cfg(expert_activation=activation))
+@pytest.mark.parametrize("limit", [-1.0, float("nan"), float("inf"), True, "7"])
+def test_a_bad_swiglu_limit_is_refused(limit):
+    with pytest.raises(ValueError, match="swiglu_limit"):
+        MoEConfig(n_routed_experts=E, n_activated_experts=K, dim=D, moe_inter_dim=I, swiglu_limit=limit)
 
 
 def test_constructors_take_nemos_arguments():
@@ -101,19 +97,50 @@ def assert_close(ours, theirs, rtol):
         assert err <= rtol, f"output {i}: relative error {err:.2e}"
 
 
-CASES = [("swiglu", False, None), ("swiglu", True, None), ("quick_geglu", True, None), ("swigluoai", False, None),
-         ("swigluoai", True, None), ("relu2", False, None), ("swiglu", True, 5), ("relu2", True, 5)]
+# (expert_activation, expert_bias, moe_latent_size, other NeMo config fields)
+CASES = [("swiglu", False, None, {}), ("swiglu", True, None, {}), ("quick_geglu", True, None, {}),
+         ("swigluoai", False, None, {}), ("swigluoai", True, None, {}), ("relu2", False, None, {}),
+         ("geglu", False, None, {}), ("geglu", True, None, {}), ("swiglu", True, 5, {}), ("relu2", True, 5, {}),
+         ("swiglu", True, None, dict(swiglu_limit=0.5)),  # clamped SwiGLU (DeepSeek-V4)
+         ("swigluoai", True, None, dict(activation_limit=0.0))]  # NeMo clamps swigluoai only for a positive limit
+CASE_IDS = [f"{a}-bias{b}-latent{l}" + "".join(f"-{k}{v}" for k, v in kw.items()) for a, b, l, kw in CASES]
 
 
 @pytest.mark.parametrize("module", ["GroupedExperts", "GroupedExpertsDeepEP"])
-@pytest.mark.parametrize("activation, bias, latent", CASES, ids=[f"{a}-bias{b}-latent{l}" for a, b, l in CASES])
-def test_same_outputs_and_gradients_as_nemo(module, activation, bias, latent):
-    cfg = nemo_cfg(expert_activation=activation, expert_bias=bias, moe_latent_size=latent)
+@pytest.mark.parametrize("activation, bias, latent, fields", CASES, ids=CASE_IDS)
+def test_same_outputs_and_gradients_as_nemo(module, activation, bias, latent, fields):
+    cfg = nemo_cfg(expert_activation=activation, expert_bias=bias, moe_latent_size=latent, **fields)
     ours, theirs = pair(cfg, GroupedExperts if module == "GroupedExperts" else GroupedExpertsDeepEP,
                         nemo_experts.GroupedExperts)
     args = inputs(cfg.expert_dim)
     assert ours.gate_and_up_projs.shape[1] == cfg.expert_dim
     assert_close(forward_backward(ours, *args), forward_backward(theirs, *args), 1e-5)
+
+
+def test_the_clamp_of_clamped_swiglu_is_reached():
+    """The clamped-SwiGLU case above is not vacuous: its limit changes the result."""
+    cfg = nemo_cfg(expert_bias=True)
+    ours, _ = pair(cfg, GroupedExperts, nemo_experts.GroupedExperts)
+    clamped = GroupedExperts(ours_from(nemo_cfg(expert_bias=True, swiglu_limit=0.5)))
+    clamped.load_state_dict(ours.state_dict())
+    args = inputs(D)
+    assert (ours(*args) - clamped(*args)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("activation, fields", [("swiglu", dict(swiglu_limit=0.5)), ("geglu", {}),
+                                                ("swigluoai", dict(activation_limit=0.0))])
+def test_functional_helpers_match_nemos(activation, fields):
+    from moe_modules import experts as ours_experts
+    cfg = nemo_cfg(expert_activation=activation, **fields)
+    g = torch.Generator().manual_seed(3)
+    h, probs = torch.randn(T, 2 * I, generator=g) * 2, torch.rand(T, 1, generator=g)
+    want = nemo_experts.get_expert_activation_for_deepep(cfg)(h, probs)
+    got = ours_experts.get_expert_activation_for_deepep(ours_from(cfg))(h, probs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    named = {"swiglu": functools.partial(ours_experts.swiglu_clamped_deepep, limit=0.5),
+             "geglu": ours_experts.geglu_deepep,
+             "swigluoai": functools.partial(ours_experts.swigluoai_deepep, limit=None)}[activation]
+    torch.testing.assert_close(named(h, probs), want, rtol=1e-5, atol=1e-6)
 
 
 def test_router_weight_after_down_gives_nemos_result():

@@ -24,7 +24,7 @@ T, K, E, D, I = 64, 4, 8, 40, 16
 
 
 @pytest.mark.parametrize("module_cls", [GroupedExperts, GroupedExpertsDeepEP], ids=lambda c: c.__name__)
-@pytest.mark.parametrize("activation", ["swiglu", "quick_geglu", "swigluoai", "relu2"])
+@pytest.mark.parametrize("activation", list(moe_ops.GATED))
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_only_h_and_the_routing_are_saved(module_cls, activation, bias):
     config = MoEConfig(n_routed_experts=E, n_activated_experts=K, dim=D, moe_inter_dim=I,

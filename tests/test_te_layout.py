@@ -11,13 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import moe_ops
+
 from moe_modules import GroupedExperts, MoEConfig
 from moe_modules.te import layout as te_layout
 from moe_modules import te as te_module
 from moe_ops import activation as moe_activation
 
 E, K, D, I = 4, 2, 8, 6
-ACTIVATIONS = ("swiglu", "quick_geglu", "swigluoai", "relu2")
+ACTIVATIONS = tuple(moe_ops.GATED)
 
 
 def config(activation="swiglu", bias=True) -> MoEConfig:

@@ -17,6 +17,8 @@ import time
 import pytest
 import torch
 
+import moe_ops
+
 from moe_modules import GroupedExperts, MoEConfig
 from moe_modules import te as te_module
 from moe_ops.ops import opaque_module
@@ -25,7 +27,7 @@ from test_bad_input import assert_same_error_eager_and_fake
 
 E, K, D, I = 5, 2, 8, 6
 DTYPE = torch.float64
-ACTIVATIONS = ("swiglu", "quick_geglu", "swigluoai", "relu2")
+ACTIVATIONS = tuple(moe_ops.GATED)
 
 
 def config(activation="swiglu", bias=True, dtype=DTYPE) -> MoEConfig:

@@ -39,6 +39,8 @@ SHAPES = {  # name: (E, K, D, I, activation, bias, T) — the benchmark shapes
     "gpt_oss_20b": (32, 4, 2880, 2880, "quick_geglu", True, 8192),
     "deepseek_v3_rank": (32, 8, 7168, 2048, "swiglu", False, 8192),
     "relu2_fp32": (8, 2, 512, 384, "relu2", True, 1024),
+    "swigluoai_small": (8, 2, 512, 384, "swigluoai", True, 1024),  # NeMo's activations (issue 18)
+    "geglu_small": (8, 2, 512, 384, "geglu", False, 1024),
 }
 
 
@@ -67,7 +69,7 @@ def run_block(E, K, D, I, kind, bias, T, dtype):
     indices = torch.empty(T, K, device="meta", dtype=torch.int64)
     mask = torch.empty(T, device="meta", dtype=torch.bool)
     pair_of_row, row_of_pair, _, offsets = ops.route(indices, mask, 0, E)
-    limit = 7.0 if kind == "quick_geglu" else None
+    limit = 7.0 if kind in ("quick_geglu", "swigluoai") else None
     act = (kind, 1.702, limit, 1.0)
     h = ops.expert_up(x, pair_of_row, row_of_pair, offsets, w1, b1)
     ops.expert_down(h, w2, b2, probs, pair_of_row, row_of_pair, offsets, *act, None)

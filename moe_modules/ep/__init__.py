@@ -82,8 +82,8 @@ def make_dispatcher(ep_mesh, n_routed_experts: int, *, default: str = "all_to_al
 def apply_ep(module: nn.Module, ep_mesh, *, transport: Optional[str] = None,
              reduce_dtype: Optional[torch.dtype] = torch.float32, max_tokens_per_rank: Optional[int] = None,
              use_deep_ep: Optional[bool] = None) -> nn.Module:
-    """Shard the four expert parameters ``Shard(0)`` over the 1-D ``ep_mesh`` and hand the module the
-    dispatcher that moves its tokens.
+    """Shard the four expert parameters (and a LoRA module's four adapters: ``module.expert_param_names``)
+    ``Shard(0)`` over the 1-D ``ep_mesh`` and hand the module the dispatcher that moves its tokens.
 
     The state-dict keys stay the same; their values become DTensors whose ``full_tensor()`` is the
     unsharded parameter.  Every rank must hold the same full parameters (they are scattered from
@@ -116,10 +116,11 @@ def apply_ep(module: nn.Module, ep_mesh, *, transport: Optional[str] = None,
                                  transport=transport, reduce_dtype=reduce_dtype,
                                  max_tokens_per_rank=max_tokens_per_rank, use_deep_ep=use_deep_ep,
                                  activation=module.config.expert_activation)
-    for name in PARAM_NAMES:
+    names = getattr(module, "expert_param_names", PARAM_NAMES)  # LoRA modules add their adapters
+    for name in names:
         if isinstance(getattr(module, name), DTensor):
             raise ValueError(f"{name}: expected a plain tensor, got a DTensor (apply_ep was already applied)")
-    for name in PARAM_NAMES:
+    for name in names:
         p = getattr(module, name)
         if p is not None:
             setattr(module, name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)]), p.requires_grad))

@@ -7,7 +7,7 @@ The stacked layout (SPEC §3), shared by every expert module and NeMo AutoModel:
 ``GroupedLinear`` holds expert ``e`` as ``weight{e} [out, in]`` and ``bias{e} [out]`` and computes
 ``F.linear(x, weight{e}, bias{e}) = x @ weight{e}.T + bias{e}``, so ``weight{e} = stacked[e].T``
 and ``bias{e} = stacked_bias[e]``.  The columns keep their order, so the gate/up split of each
-activation (concatenated for swiglu and swigluoai, interleaved for quick_geglu) carries over unchanged.
+activation (concatenated for swiglu, swigluoai and geglu, interleaved for quick_geglu) carries over unchanged.
 
 Plain functions, no Transformer Engine needed: tested on CPU.
 """

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_ops.ops.activation_kinds import GELU_B, GELU_C, merge_gate_up, split_gate_up
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -51,31 +53,26 @@ def expert_bias_backward(grad, bias, offsets, probs):
     return grad_bias.to(bias.dtype), grad_probs
 
 
-def _split(h, kind):
-    if kind == "quick_geglu":
-        return h[:, 0::2], h[:, 1::2]
-    return h.chunk(2, dim=1)
-
-
-def _merge(d_gate, d_up, kind):
-    if kind == "quick_geglu":
-        return torch.stack([d_gate, d_up], dim=2).flatten(1)
-    return torch.cat([d_gate, d_up], dim=1)
-
-
 def _act_forward_backward(h, kind, alpha, limit, linear_offset, d_out=None):
     """act(h) and, when ``d_out`` is given, d act / d h applied to it (closed forms)."""
     if kind == "relu2":
         r = torch.relu(h)
         return r * r, None if d_out is None else d_out * 2 * r
-    gate, up = _split(h, kind)
+    gate, up = split_gate_up(h, kind)
+    if kind == "geglu":  # gelu_tanh(gate) = gate * sigmoid(2k), k = c (gate + b gate^3)
+        k1 = GELU_C * (1 + 3 * GELU_B * gate * gate)
+        s = torch.sigmoid(2 * GELU_C * (gate + GELU_B * gate * gate * gate))
+        gelu = gate * s
+        if d_out is None:
+            return gelu * up, None
+        return gelu * up, merge_gate_up(d_out * up * (s + 2 * gate * k1 * s * (1 - s)), d_out * gelu, kind)
     if kind == "swiglu":
         s = torch.sigmoid(gate)
         silu = gate * s
         if d_out is None:
             return silu * up, None
-        return silu * up, _merge(d_out * up * s * (1 + gate * (1 - s)), d_out * silu, kind)
-    # quick_geglu, swigluoai (the same math; the layout differs in _split)
+        return silu * up, merge_gate_up(d_out * up * s * (1 + gate * (1 - s)), d_out * silu, kind)
+    # quick_geglu, swigluoai (the same math; the layout differs in split_gate_up)
     gate_mask = up_mask = None
     if limit is not None:
         gate_mask, up_mask = gate <= limit, (up >= -limit) & (up <= limit)
@@ -89,7 +86,7 @@ def _act_forward_backward(h, kind, alpha, limit, linear_offset, d_out=None):
     d_up = d_out * glu
     if limit is not None:
         d_gate, d_up = torch.where(gate_mask, d_gate, 0), torch.where(up_mask, d_up, 0)
-    return out, _merge(d_gate, d_up, kind)
+    return out, merge_gate_up(d_gate, d_up, kind)
 
 
 def activation(h, probs, kind, alpha, limit, linear_offset):

@@ -7,7 +7,9 @@ activations and ``[N, I]`` for ``relu2``:
 * ``quick_geglu`` (GPT-OSS): ``gate, up = h[:, 0::2], h[:, 1::2]`` (interleaved),
   ``gate = min(gate, limit)``, ``up = clamp(up, -limit, limit)`` (no clamp when
   ``limit`` is None), ``gate * sigmoid(alpha * gate) * (up + linear_offset)``;
-* ``swigluoai`` (NeMo AutoModel's): ``quick_geglu``'s math on concatenated gate|up columns;
+* ``swigluoai`` (NeMo AutoModel's): ``quick_geglu``'s math on concatenated gate|up columns
+  (NeMo's clamped SwiGLU, ``swiglu_limit > 0``, is this with ``alpha = 1``, ``linear_offset = 0``);
+* ``geglu`` (NeMo AutoModel's, Gemma): ``gelu_tanh(gate) * up`` on concatenated gate|up columns;
 * ``relu2``: ``relu(h) ** 2``.
 
 The result is multiplied by ``probs`` per row, all in float32, and rounded once
@@ -25,19 +27,8 @@ from torch import Tensor
 from moe_ops import _checks
 from moe_ops._library import define
 from moe_ops.ops import activation_second_order
+from moe_ops.ops.activation_kinds import GATED, check_activation
 from moe_ops.ops.composition_vjp import save_inputs, vjp_of_composition
-
-# name -> whether the first GEMM carries gate and up (width 2I) or up alone (width I)
-GATED = {"swiglu": True, "quick_geglu": True, "swigluoai": True, "relu2": False}
-
-
-def check_activation(name, argument: str = "activation") -> None:
-    """Refuse anything but a known activation name: ``TypeError`` for a non-str, else ``ValueError``."""
-    if type(name) is not str:
-        raise TypeError(f"{argument}: expected a str, one of {sorted(GATED)}, got {type(name).__name__} {name!r}")
-    if name not in GATED:
-        raise ValueError(f"{argument}: expected one of {sorted(GATED)}, got {name!r}")
-
 
 def _validate(h: Tensor, probs: Optional[Tensor], kind: str, *params) -> None:
     check_activation(kind)

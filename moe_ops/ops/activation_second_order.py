@@ -6,7 +6,7 @@ second derivatives, written here in closed form with elementwise ATen ops (no ho
 reads, traceable), in float32 (float64 for float64 inputs).  Every gated activation
 is ``A(x, y) = q(x) * (y + offset)`` with ``q(z) = z * sigmoid(a * z)``: swiglu is
 ``a = 1, offset = 0`` without clamps; quick_geglu and swigluoai (the same on concatenated columns) clamp
-``x <= limit``, ``|y| <= limit``.
+``x <= limit``, ``|y| <= limit``; geglu's ``q`` is tanh-approximated GELU, ``offset = 0``, no clamps.
 """
 
 from __future__ import annotations
@@ -14,34 +14,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_ops.ops.activation_kinds import GELU_B, GELU_C, merge_gate_up, split_gate_up
+
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _split(h: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    if kind == "quick_geglu":
-        return h[:, 0::2], h[:, 1::2]
-    return h.chunk(2, dim=1)
+def _gelu_q(x: Tensor):
+    """``q, q', q''`` of tanh-approximated GELU ``q(x) = x sigmoid(2 k(x))``, ``k = c (x + b x^3)``."""
+    k1 = GELU_C * (1 + 3 * GELU_B * x * x)
+    k2 = 6 * GELU_C * GELU_B * x
+    s = torch.sigmoid(2 * GELU_C * (x + GELU_B * x * x * x))
+    ds = s * (1 - s)
+    return x * s, s + 2 * x * k1 * ds, 2 * ds * (2 * k1 + x * (k2 + 2 * k1 * k1 * (1 - 2 * s)))
 
 
-def _merge(d_gate: Tensor, d_up: Tensor, kind: str) -> Tensor:
-    if kind == "quick_geglu":
-        return torch.stack([d_gate, d_up], dim=2).flatten(1)
-    return torch.cat([d_gate, d_up], dim=1)
+def _sigmoid_q(x: Tensor, a: float):
+    """``q, q', q''`` of ``q(x) = x sigmoid(a x)``."""
+    s = torch.sigmoid(a * x)
+    return x * s, s + a * x * s * (1 - s), a * s * (1 - s) * (2 + a * x * (1 - 2 * s))
 
 
 def _gated_derivatives(x: Tensor, y: Tensor, kind: str, alpha: float, limit, linear_offset: float):
     """``A, A_x, A_y, A_xx, A_xy`` of ``A(x, y) = q(x) (y + offset)`` (``A_yy = 0``)."""
-    a, offset = (1.0, 0.0) if kind == "swiglu" else (alpha, linear_offset)
-    limit = None if kind == "swiglu" else limit
+    clamped = kind in ("quick_geglu", "swigluoai")
+    offset = linear_offset if clamped else 0.0
+    limit = limit if clamped else None
     if limit is not None:
         x_in, y_in = x <= limit, (y >= -limit) & (y <= limit)
         x, y = x.clamp(max=limit), y.clamp(-limit, limit)
-    s = torch.sigmoid(a * x)
-    q = x * s
-    q1 = s + a * x * s * (1 - s)
-    q2 = a * s * (1 - s) * (2 + a * x * (1 - 2 * s))
+    q, q1, q2 = _gelu_q(x) if kind == "geglu" else _sigmoid_q(x, alpha if clamped else 1.0)
     y_off = y + offset
     A, A_x, A_y, A_xx, A_xy = q * y_off, q1 * y_off, q, q2 * y_off, q1
     if limit is not None:
@@ -81,14 +84,14 @@ def activation_double_backward(grad: Tensor, h: Tensor, probs, kind: str, alpha:
         if gp is not None:
             d_h = d_h + gp * g * A_h
     else:
-        x, y = _split(hh, kind)
-        gx, gy = _split(gg, kind)
+        x, y = split_gate_up(hh, kind)
+        gx, gy = split_gate_up(gg, kind)
         A, A_x, A_y, A_xx, A_xy = _gated_derivatives(x, y, kind, alpha, limit, linear_offset)
         along = gx * A_x + gy * A_y
         d_x, d_y = u * (gx * A_xx + gy * A_xy), u * gx * A_xy
         if gp is not None:
             d_x, d_y = d_x + gp * g * A_x, d_y + gp * g * A_y
-        d_h = _merge(d_x, d_y, kind)
+        d_h = merge_gate_up(d_x, d_y, kind)
     d_grad = p * along if gp is None else p * along + gp * A
     d_probs = None
     if probs is not None and probs_grad:

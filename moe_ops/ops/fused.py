@@ -40,7 +40,7 @@ from torch import Tensor
 from moe_ops import _checks
 from moe_ops._library import define
 from moe_ops.ops import fused_second_order
-from moe_ops.ops.activation import GATED, check_activation
+from moe_ops.ops.activation_kinds import GATED, check_activation
 
 
 def _validate_routing(pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor, experts) -> None:

@@ -4,7 +4,7 @@ GEMM prologue (one definition of each formula).
 ``h`` columns of output column block ``n0 .. n0+BN-1`` (of ``a``, width I) are held as
 one or two tiles, the same way in memory loads, GEMM accumulators and stores:
 
-* ``swiglu``, ``swigluoai`` (concatenated): tile0 = gate columns ``n0 + j``, tile1 = up columns ``I + n0 + j``;
+* ``swiglu``, ``swigluoai``, ``geglu`` (concatenated): tile0 = gate columns ``n0 + j``, tile1 = up columns ``I + n0 + j``;
 * ``quick_geglu`` (interleaved): tile0 = the ``2*BN`` contiguous columns ``2*n0 ..``,
   gate and up alternating (one contiguous load / one GEMM tile, split in registers);
 * ``relu2`` / no activation: tile0 = columns ``n0 + j``.
@@ -17,9 +17,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moe_ops.backends.triton_kernels._common import QUICK_GEGLU, RELU2, SWIGLU, SWIGLUOAI
+from moe_ops.backends.triton_kernels._common import GEGLU, QUICK_GEGLU, SWIGLU, SWIGLUOAI
+from moe_ops.ops import activation_kinds
 
 NAN_ALL = tl.constexpr(tl.PropagateNan.ALL)
+GELU_C = tl.constexpr(activation_kinds.GELU_C)
+GELU_B = tl.constexpr(activation_kinds.GELU_B)
 
 
 def tile0_width(kind: int, block_n: int) -> int:
@@ -44,7 +47,7 @@ def gate_up(tile0, tile1, KIND: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr
     if KIND == QUICK_GEGLU:
         gate, up = tl.split(tl.reshape(tile0, (BR, BN, 2)))
         return gate, up
-    elif KIND == SWIGLU or KIND == SWIGLUOAI:
+    elif KIND == SWIGLU or KIND == SWIGLUOAI or KIND == GEGLU:
         return tile0, tile1
     else:
         return tile0, tile0
@@ -68,6 +71,12 @@ def _clamp_quick(gate, up, limit, HAS_LIMIT: tl.constexpr):
 
 
 @triton.jit
+def _gelu_sigmoid(gate):
+    """``sigmoid(2 k(gate))``: tanh-approximated GELU is ``gate`` times it (``0.5 (1 + tanh k) = sigmoid(2k)``)."""
+    return tl.sigmoid(2.0 * GELU_C * (gate + GELU_B * gate * gate * gate))
+
+
+@triton.jit
 def act_forward(gate, up, alpha, limit, linear_offset, KIND: tl.constexpr, HAS_LIMIT: tl.constexpr):
     """``act(h)`` from float32 gate/up."""
     if KIND == SWIGLU:
@@ -75,6 +84,8 @@ def act_forward(gate, up, alpha, limit, linear_offset, KIND: tl.constexpr, HAS_L
     elif KIND == QUICK_GEGLU or KIND == SWIGLUOAI:
         gate, up = _clamp_quick(gate, up, limit, HAS_LIMIT)
         return gate * tl.sigmoid(alpha * gate) * (up + linear_offset)
+    elif KIND == GEGLU:
+        return gate * _gelu_sigmoid(gate) * up
     else:
         r = tl.maximum(gate, 0.0, propagate_nan=NAN_ALL)
         return r * r
@@ -99,6 +110,11 @@ def act_backward(gate, up, d_out, alpha, limit, linear_offset, KIND: tl.constexp
             d_gate = tl.where(gate_kept, d_gate, 0.0)
             d_up = tl.where(up_kept, d_up, 0.0)
         return glu * (up + linear_offset), d_gate, d_up
+    elif KIND == GEGLU:
+        s = _gelu_sigmoid(gate)
+        gelu = gate * s
+        k1 = GELU_C * (1.0 + 3.0 * GELU_B * gate * gate)
+        return gelu * up, d_out * up * (s + 2.0 * gate * k1 * s * (1.0 - s)), d_out * gelu
     else:
         r = tl.maximum(gate, 0.0, propagate_nan=NAN_ALL)
         d = d_out * 2.0 * r
@@ -111,6 +127,6 @@ def load_h(h_rows, row_ok, n0, I, KIND: tl.constexpr, BR: tl.constexpr, BC: tl.c
     cols0, mask0, cols1, mask1 = h_columns(n0, I, KIND, BC, BC0)
     tile0 = tl.load(h_rows + cols0[None, :], mask=row_ok[:, None] & mask0[None, :], other=0.0).to(tl.float32)
     tile1 = tile0
-    if KIND == SWIGLU or KIND == SWIGLUOAI:
+    if KIND == SWIGLU or KIND == SWIGLUOAI or KIND == GEGLU:
         tile1 = tl.load(h_rows + cols1[None, :], mask=row_ok[:, None] & mask1[None, :], other=0.0).to(tl.float32)
     return gate_up(tile0, tile1, KIND, BR, BC)

@@ -40,7 +40,8 @@ SWIGLU = tl.constexpr(1)
 QUICK_GEGLU = tl.constexpr(2)
 RELU2 = tl.constexpr(3)
 SWIGLUOAI = tl.constexpr(4)  # quick_geglu's math on concatenated gate|up columns
-ACT_KIND = {None: 0, "swiglu": 1, "quick_geglu": 2, "relu2": 3, "swigluoai": 4}
+GEGLU = tl.constexpr(5)  # tanh-approximated GELU of gate times up, concatenated
+ACT_KIND = {None: 0, "swiglu": 1, "quick_geglu": 2, "relu2": 3, "swigluoai": 4, "geglu": 5}
 
 
 def _interpreter_scalar_index() -> None:

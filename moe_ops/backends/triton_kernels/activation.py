@@ -18,8 +18,8 @@ from moe_ops.backends.triton_kernels import _common as C
 from moe_ops.backends.triton_kernels._act import (
     act_backward, act_forward, h_columns, h_tiles, load_h, tile0_width,
 )
-from moe_ops.backends.triton_kernels._common import SWIGLU, SWIGLUOAI
-from moe_ops.ops.activation import GATED
+from moe_ops.backends.triton_kernels._common import GEGLU, SWIGLU, SWIGLUOAI
+from moe_ops.ops.activation_kinds import GATED
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _activation_backward_kernel(
         tile0, tile1 = h_tiles(d_gate, d_up, KIND, BR, BC)
         cols0, mask0, cols1, mask1 = h_columns(n0, I, KIND, BC, BC0)
         tl.store(gh_rows + cols0[None, :], tile0.to(grad_h_ptr.dtype.element_ty), mask=row_ok[:, None] & mask0[None, :])
-        if KIND == SWIGLU or KIND == SWIGLUOAI:
+        if KIND == SWIGLU or KIND == SWIGLUOAI or KIND == GEGLU:
             tl.store(gh_rows + cols1[None, :], tile1.to(grad_h_ptr.dtype.element_ty), mask=row_ok[:, None] & mask1[None, :])
     if HAS_PROBS:
         tl.store(grad_probs_ptr + rows64, grad_p.to(grad_probs_ptr.dtype.element_ty), mask=row_ok)
