@@ -178,12 +178,17 @@ def define(
                              {a.name: a.default_value for a in arguments if a.has_default_value()})
 
         run = functools.partial(registry.call, name)
+        # The eager shortcut's: validation and the backend's choice once per distinct metadata.
+        eager = functools.partial(registry.call_checked, name, validate)
     else:
         run = kernel
 
     def impl(*args):
         validate(*args)
         return run(*args)
+
+    if kernel is not None:
+        eager = impl
 
     def fake_kernel(*args):
         validate(*args)
@@ -197,6 +202,6 @@ def define(
     if backward is not None:
         setup_context, backward = _with_layers(setup_context, backward)
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=LIB)
-        function = _autograd_function(name, impl, backward, setup_context)
-    op = DEFINED[name] = Op(getattr(getattr(torch.ops, NAMESPACE), name).default, impl, run, function)
+        function = _autograd_function(name, eager, backward, setup_context)
+    op = DEFINED[name] = Op(getattr(getattr(torch.ops, NAMESPACE), name).default, eager, run, function)
     return op

@@ -156,6 +156,9 @@ _layers: contextvars.ContextVar[tuple[dict[str, str], ...]] = contextvars.Contex
 _env_cache: tuple[Optional[str], dict[str, str]] = (None, {})
 _order_cache: dict[str, list[str]] = {}
 _choice_cache: dict[tuple, Backend] = {}
+# By exact metadata (_exact_key), in front of _choice_cache: call's, and call_checked's (validated too).
+_call_cache: dict[tuple, Backend] = {}
+_checked_cache: dict[tuple, Backend] = {}
 _states: list[Callable[[], Hashable]] = []  # the backends' state() functions, for the choice's cache key
 
 
@@ -167,7 +170,15 @@ def register_backend(backend: Backend, *, priority: int, op_priorities: Optional
     PRIORITY[:] = sorted(_BACKENDS, key=_priorities.__getitem__)
     _states[:] = [b.state for b in _BACKENDS.values() if b.state is not None]
     _order_cache.clear()
+    clear_caches()
+
+
+def clear_caches() -> None:
+    """Forget every cached choice (and cached validation): the next call of each op asks :func:`choose`
+    again (what a backend change does; also for code that watches ``choose``, as the benchmarks do)."""
     _choice_cache.clear()
+    _call_cache.clear()
+    _checked_cache.clear()
 
 
 def register_op(name: str, arguments: Sequence[str] = (), defaults: Optional[Mapping[str, Any]] = None) -> None:
@@ -372,9 +383,42 @@ def choose(op: str, args: tuple) -> Backend:
     return backend
 
 
+def _meta(a) -> Hashable:
+    if isinstance(a, torch.Tensor):
+        return a.shape, a.dtype, a.device
+    if isinstance(a, (list, tuple)):
+        return tuple(map(_meta, a))
+    return a
+
+
+def _exact_key(op: str, args: tuple) -> tuple:
+    """The op, the forced backend, the backends' states and the arguments' exact metadata (every tensor's
+    shape, dtype and device; every other argument's value): cheaper to build than :func:`input_key`."""
+    return op, forced_backend(op), tuple(state() for state in _states), tuple(map(_meta, args))
+
+
+def _cached_choice(cache: dict, key: tuple, op: str, args: tuple, validate: Optional[Callable]) -> Backend:
+    backend = cache.get(key)
+    if backend is None or _BACKENDS.get(backend.name) is not backend:  # a miss, or the backend was replaced
+        if validate is not None:
+            validate(*args)
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        backend = cache[key] = choose(op, args)
+    return backend
+
+
 def call(op: str, *args):
-    """Run ``op`` on ``args`` with the chosen backend's kernel."""
-    return choose(op, args).kernels[op](*args)
+    """Run ``op`` on ``args`` with the chosen backend's kernel (the choice looked up by exact metadata first)."""
+    return _cached_choice(_call_cache, _exact_key(op, args), op, args, None).kernels[op](*args)
+
+
+def call_checked(op: str, validate: Callable, *args):
+    """``validate(*args)``, then :func:`call`; both are skipped for arguments whose exact metadata passed
+    before under the same forced backends and backend states.  An op's validation reads only that metadata
+    (it runs on fake tensors too), so a cached pass is the same pass; inputs that fail are never cached
+    and raise every time."""
+    return _cached_choice(_checked_cache, _exact_key(op, args), op, args, validate).kernels[op](*args)
 
 
 def support_table() -> list[tuple[str, dict[str, list[str]]]]:

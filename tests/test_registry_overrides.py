@@ -120,6 +120,7 @@ def chosen_per_thread(monkeypatch):
         return backend
 
     monkeypatch.setattr(registry, "choose", recording)
+    registry.clear_caches()  # choose() is asked on a cache miss only
     return chosen
 
 

@@ -19,6 +19,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``; ``t`` itself, without the call, when it has that dtype (most calls: small ones pay it)."""
+    return t if t.dtype is dtype else t.to(dtype)
+
+
 def group_of_rows(offsets: Tensor, rows: int) -> Tensor:
     """Group id of each row; rows past the last offset get ``len(offsets)``."""
     r = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
@@ -28,29 +33,29 @@ def group_of_rows(offsets: Tensor, rows: int) -> Tensor:
 def _bias_rows(bias, offsets, rows):
     group = group_of_rows(offsets, rows)
     valid = (group < bias.shape[0]).unsqueeze(1)
-    return bias.to(acc_dtype(bias.dtype))[group.clamp(max=bias.shape[0] - 1)], valid, group
+    return cast(bias, acc_dtype(bias.dtype))[group.clamp(max=bias.shape[0] - 1)], valid, group
 
 
 def add_expert_bias(h, bias, offsets, probs):
     b_rows, valid, _ = _bias_rows(bias, offsets, h.shape[0])
     acc = acc_dtype(h.dtype)
     if probs is not None:
-        b_rows = b_rows.to(acc) * probs.reshape(-1, 1).to(acc)
-    return (h.to(acc) + torch.where(valid, b_rows.to(acc), 0)).to(h.dtype).contiguous()
+        b_rows = cast(b_rows, acc) * cast(probs.reshape(-1, 1), acc)
+    return cast(cast(h, acc) + torch.where(valid, cast(b_rows, acc), 0), h.dtype).contiguous()
 
 
 def expert_bias_backward(grad, bias, offsets, probs):
     b_rows, valid, group = _bias_rows(bias, offsets, grad.shape[0])
     acc = acc_dtype(grad.dtype)
-    g = grad.to(acc)
-    gp = g if probs is None else g * probs.reshape(-1, 1).to(acc)
+    g = cast(grad, acc)
+    gp = g if probs is None else g * cast(probs.reshape(-1, 1), acc)
     grad_bias = torch.stack([torch.where(group.unsqueeze(1) == e, gp, 0).sum(0) for e in range(bias.shape[0])])
     if probs is None:
         grad_probs = grad.new_empty(0, dtype=torch.float32)
     else:
-        dots = torch.where(valid, g * b_rows.to(acc), 0).sum(1)
-        grad_probs = dots.to(probs.dtype).reshape(probs.shape)
-    return grad_bias.to(bias.dtype), grad_probs
+        dots = torch.where(valid, g * cast(b_rows, acc), 0).sum(1)
+        grad_probs = cast(dots, probs.dtype).reshape(probs.shape)
+    return cast(grad_bias, bias.dtype), grad_probs
 
 
 def _act_forward_backward(h, kind, alpha, limit, linear_offset, d_out=None):
@@ -91,24 +96,24 @@ def _act_forward_backward(h, kind, alpha, limit, linear_offset, d_out=None):
 
 def activation(h, probs, kind, alpha, limit, linear_offset):
     acc = acc_dtype(h.dtype)
-    out, _ = _act_forward_backward(h.to(acc), kind, alpha, limit, linear_offset)
+    out, _ = _act_forward_backward(cast(h, acc), kind, alpha, limit, linear_offset)
     if probs is not None:
-        out = out * probs.reshape(-1, 1).to(acc)
-    return out.to(h.dtype).contiguous()
+        out = out * cast(probs.reshape(-1, 1), acc)
+    return cast(out, h.dtype).contiguous()
 
 
 def _backward(grad, h, probs, kind, alpha, limit, linear_offset):
     """``grad_h``, ``grad_probs``, and ``act(h)`` and the probabilities in the accumulation dtype, from one
     evaluation of the closed forms."""
     acc = acc_dtype(h.dtype)
-    g = grad.to(acc)
-    p = None if probs is None else probs.reshape(-1, 1).to(acc)
-    out, grad_h = _act_forward_backward(h.to(acc), kind, alpha, limit, linear_offset, g if p is None else g * p)
+    g = cast(grad, acc)
+    p = None if probs is None else cast(probs.reshape(-1, 1), acc)
+    out, grad_h = _act_forward_backward(cast(h, acc), kind, alpha, limit, linear_offset, g if p is None else g * p)
     if p is None:
         grad_probs = h.new_empty(0, dtype=torch.float32)
     else:
-        grad_probs = (g * out).sum(1).to(probs.dtype).reshape(probs.shape)
-    return grad_h.to(h.dtype).contiguous(), grad_probs, out, p
+        grad_probs = cast((g * out).sum(1), probs.dtype).reshape(probs.shape)
+    return cast(grad_h, h.dtype).contiguous(), grad_probs, out, p
 
 
 def activation_backward(grad, h, probs, kind, alpha, limit, linear_offset):
@@ -117,4 +122,4 @@ def activation_backward(grad, h, probs, kind, alpha, limit, linear_offset):
 
 def activation_backward_with_output(grad, h, probs, kind, alpha, limit, linear_offset):
     grad_h, grad_probs, out, p = _backward(grad, h, probs, kind, alpha, limit, linear_offset)
-    return grad_h, grad_probs, (out if p is None else out * p).to(h.dtype).contiguous()
+    return grad_h, grad_probs, cast(out if p is None else out * p, h.dtype).contiguous()

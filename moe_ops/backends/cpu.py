@@ -28,6 +28,7 @@ from moe_ops import registry
 from moe_ops.backends import _grouped_mm_inputs
 from moe_ops.backends._elementwise import (
     acc_dtype,
+    cast,
     activation,
     activation_backward_with_output,
     add_expert_bias,
@@ -146,16 +147,22 @@ def expert_up_backward(grad_h, x, pair_of_row, row_of_pair, offsets, w1, b1):
     n, _, blocks = _plan(offsets, M)
     acc = acc_dtype(x.dtype)
     grad_x = torch.zeros(x.shape, dtype=acc)
-    grad_w1 = torch.empty_like(w1)  # the blocks cover every group (an empty one's wgrad is zeros)
-    grad_b1 = x.new_empty(0) if b1 is None else torch.empty_like(b1)
+    whole = len(blocks) == 1  # one block of every group: its gradients are the whole ones, no copy
+    grad_w1 = None if whole else torch.empty_like(w1)  # the blocks cover every group (an empty one's: zeros)
+    grad_b1 = x.new_empty(0) if b1 is None else None if whole else torch.empty_like(b1)
     for blk in blocks:
         tokens, gh = _tokens(pair_of_row, blk, K), _rows(grad_h, blk)
         # One float32 sum per token, rows added in row order: deterministic.
-        grad_x.index_add_(0, tokens, _mm(gh, w1[blk.groups].transpose(1, 2), blk.ends).to(acc))
-        grad_w1[blk.groups] = _wgrad(x.index_select(0, tokens), gh, blk.ends)
-        if b1 is not None:
-            grad_b1[blk.groups] = expert_bias_backward(gh, b1[blk.groups], blk.ends, None)[0]
-    return grad_x.to(x.dtype), grad_w1, grad_b1
+        grad_x.index_add_(0, tokens, cast(_mm(gh, w1[blk.groups].transpose(1, 2), blk.ends), acc))
+        gw = _wgrad(x.index_select(0, tokens), gh, blk.ends)
+        gb = None if b1 is None else expert_bias_backward(gh, b1[blk.groups], blk.ends, None)[0]
+        if whole:
+            grad_w1, grad_b1 = gw, grad_b1 if gb is None else gb
+        else:
+            grad_w1[blk.groups] = gw
+            if gb is not None:
+                grad_b1[blk.groups] = gb
+    return cast(grad_x, x.dtype), grad_w1, grad_b1
 
 
 def expert_down(h, w2, b2, probs, pair_of_row, row_of_pair, offsets, kind, alpha, limit, linear_offset, out_dtype):
@@ -168,15 +175,15 @@ def expert_down(h, w2, b2, probs, pair_of_row, row_of_pair, offsets, kind, alpha
         out = _mm(a, w2[blk.groups], blk.ends)
         if b2 is not None:
             out = add_expert_bias(out, b2[blk.groups], blk.ends, p)
-        y.index_add_(0, _tokens(pair_of_row, blk, K), out.to(y.dtype))
-    return y.to(out_dtype or h.dtype)
+        y.index_add_(0, _tokens(pair_of_row, blk, K), cast(out, y.dtype))
+    return cast(y, out_dtype or h.dtype)
 
 
 def expert_down_backward(grad_y, h, w2, b2, probs, pair_of_row, row_of_pair, offsets, kind, alpha, limit,
                          linear_offset):
     M, K = h.shape[0], row_of_pair.shape[1]
     n, _, blocks = _plan(offsets, M)
-    grad_y = grad_y.to(h.dtype)  # the rows were in h.dtype before the float32 sum: their gradient is too
+    grad_y = cast(grad_y, h.dtype)  # the rows were in h.dtype before the float32 sum: their gradient is too
     grad_w2 = torch.empty_like(w2)  # the blocks cover every group (an empty one's wgrad is zeros)
     grad_b2 = h.new_empty(0) if b2 is None else torch.empty_like(b2)
     grad_probs = h.new_empty(0, dtype=torch.float32) if probs is None else torch.zeros_like(probs)
