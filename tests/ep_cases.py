@@ -22,6 +22,7 @@ import torch
 
 NUM_EXPERTS, TOP_K, DIM, INTER = 8, 3, 8, 6
 ACTIVATIONS = ("swiglu", "quick_geglu", "relu2")
+NEMO_ACTIVATIONS = ("swigluoai", "geglu")
 PARAM_NAMES = ("gate_and_up_projs", "down_projs", "gate_up_proj_bias", "down_proj_bias")
 GLOO_TIMEOUT_S = 60
 
@@ -65,6 +66,8 @@ def cases(world_size: int) -> list[Case]:
     eager = [Case(m, a, b, layout) for m in MODULES for a in ACTIVATIONS for b in (False, True)
              for layout in TOKEN_LAYOUTS[world_size]]
     eager += [Case(m, "quick_geglu", True, layout) for m in TRANSPORT_MATRIX for layout in TOKEN_LAYOUTS[world_size]]
+    # NeMo's two other activations (issue 18), with bias, on every module spec's default of MODULES.
+    eager += [Case(m, a, True, layout) for m in MODULES for a in NEMO_ACTIVATIONS for layout in TOKEN_LAYOUTS[world_size]]
     # torch.compile(fullgraph=True) of every module spec on the hardest layout (a rank with no token).
     compiled = [Case(m, "quick_geglu", True, "empty_rank", compiled=True) for m in MODULES + TRANSPORT_MATRIX]
     return eager + compiled
