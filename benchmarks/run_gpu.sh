@@ -15,6 +15,9 @@
 #          against the torch reference path (HOST_ARGS adds arguments, e.g. "--tokens 1,512")
 #   lora   benchmarks/bench_experts.py --lora 16,64 at qwen3 and gptoss20b (uniform): the frozen-base block, ours and
 #          NeMo's GroupedExpertsLoRA (torch_mm) per rank, fwd+bwd time and memory (JSON: $OUT/bench_lora.json)
+#   decode benchmarks/bench_decode.py: decode-sized forwards (T 1..512) against the floor (touched experts' bytes over
+#          the measured copy rate): eager, CUDA graph, torch.export, torch_ref (DECODE_ARGS adds e.g. "--aoti"),
+#          chart $OUT/bench_decode.png
 #   hf     benchmarks/bench_hf.py: a transformers Qwen3-MoE-shaped model, experts_implementation "moe_ops" against
 #          "grouped_mm" (training step, generate tokens/s; HF_ARGS adds arguments, e.g. "--layers 2")
 #   ep     expert parallelism, for each world size N in EP_SIZES (default "2"; the machine needs N GPUs):
@@ -22,8 +25,9 @@
 #          (EP_BENCH_ARGS replaces --host-costs, e.g. "--host-costs --profile")
 #   plot   benchmarks/plot.py on the JSON (skipped with a note when matplotlib is missing: run it later on
 #          any machine with `python benchmarks/plot.py path/to/bench_experts.json`)
-# Logs: $OUT/<step>.log, the JSON and the PNG in $OUT, exit codes in $OUT/steps.txt (at most 8 files come
-# back from the device machine: keep it that way). Everything stops by TOTAL_S seconds (default 530).
+# Logs: $OUT/<step>.log, the JSON and the PNG in $OUT, exit codes in $OUT/steps.txt. At most 8 files come back
+# from the device machine: when there are more, the end of the script packs all but steps.txt into
+# $OUT/results.tgz (`tar xzf` it here). Everything stops by TOTAL_S seconds (default 530).
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -115,6 +119,10 @@ step_lora() {
     --paths ours --no-checks --time-budget $(( STEP_LIMIT - 60 )) --json "$OUT/bench_lora.json" ${LORA_ARGS:-}
 }
 
+step_decode() {
+  $PY benchmarks/bench_decode.py --plot "$OUT/bench_decode.png" ${DECODE_ARGS:-}
+}
+
 step_host() {
   $PY benchmarks/bench_host.py --profile ${HOST_ARGS:-}
 }
@@ -144,7 +152,7 @@ step_plot() {
 }
 
 export PY OUT
-export -f step_env step_te step_tests step_check step_bench step_lora step_host step_hf step_ep step_plot
+export -f step_env step_te step_tests step_check step_bench step_lora step_decode step_host step_hf step_ep step_plot
 
 want env   && run_step env 60
 want te    && run_step te 200
@@ -153,6 +161,7 @@ want tests && run_step tests 150
 want check && run_step check 90
 want bench && run_step bench 420
 want lora  && run_step lora "${LORA_CAP_S:-300}"
+want decode && run_step decode "${DECODE_CAP_S:-400}"
 want host  && run_step host "${HOST_CAP_S:-400}"
 want hf    && run_step hf "${HF_CAP_S:-300}"
 want plot  && run_step plot 60
@@ -161,3 +170,8 @@ echo
 echo "========== summary ($((SECONDS - START))s) =========="
 cat "$OUT/steps.txt"
 tail -n 150 "$OUT/bench.log" 2>/dev/null | sed -n '/^card:/,$p'
+# The device machine returns at most 8 files: pack the rest when there are more.
+if (( $(find "$OUT" -type f | wc -l) > 8 )); then
+  (cd "$OUT" && find . -type f ! -name steps.txt ! -name results.tgz -print0 | tar czf results.tgz --null -T - \
+    --remove-files) && echo "packed $OUT/results.tgz (tar xzf it on this side)"
+fi

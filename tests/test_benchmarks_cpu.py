@@ -172,6 +172,23 @@ def test_run_gpu_script_goes_on_after_a_failing_step(tmp_path):
     assert "torch" in (tmp_path / "env.log").read_text()
 
 
+def test_run_gpu_script_packs_more_than_eight_files(tmp_path):
+    """The device machine returns at most 8 files: more are packed into results.tgz, steps.txt stays beside it."""
+    import tarfile
+
+    for i in range(9):
+        (tmp_path / f"extra{i}.json").write_text("{}")
+    env = dict(os.environ, OUT=str(tmp_path), STEPS="env", TOTAL_S="100", CUDA_VISIBLE_DEVICES="",
+               PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tgz", "steps.txt"]
+    with tarfile.open(tmp_path / "results.tgz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert names >= {f"extra{i}.json" for i in range(9)} | {"env.log"}
+
+
 def test_plot_ep_from_the_recorded_runs(tmp_path):
     pytest.importorskip("matplotlib", reason="needs matplotlib (pip install -e '.[bench]')")
     reports = sorted((ROOT / "benchmarks" / "results").glob("bench_ep_peer_h200x[0-9].json"))
@@ -232,3 +249,19 @@ def test_lora_rows_time_frozen_ours_and_nemo_and_gate_ours_against_nemo(tmp_path
         assert all(g["pass"] and g["max"] < 2e-2 for g in gate.values()), gate
     assert any(line.startswith("qwen3/uniform") and "ours_lora r8" in line and "x frozen" in line
                for line in stdout.splitlines())
+
+
+def test_decode_benchmark_measures_every_path_against_the_floor(tmp_path):
+    """``bench_decode.py --tiny``: per shape, routing and T, the floor from the experts touched, and ours, the
+    exported program and the torch reference path, all agreeing with ours."""
+    _, report, stdout = run_benchmark(tmp_path, "bench_decode", "--tiny", "--reps", "3", timeout=600)
+    assert {(c["shape"], c["routing"], c["T"]) for c in report["cases"]} == {
+        (s, r, t) for s in ("qwen3", "gptoss20b") for r in ("uniform", "zipf") for t in (1, 2, 8)}
+    for case in report["cases"]:
+        assert 1 <= case["experts_touched"] <= case["T"] * common.TINY_SHAPES[case["shape"]].K
+        assert case["floor_us"] > 0 and case["bytes"] > 0
+        for path in ("ours", "exported", "torch_ref"):
+            result = case["paths"][path]
+            assert "error" not in result, (path, result)
+            assert result["call_us"] > 0 and result["rel_err_vs_ours"] < 1e-5, (path, result)
+    assert stdout.strip().splitlines()[-1].startswith("floor/graph")
