@@ -100,13 +100,38 @@ def check_state_dict_round_trip(mesh, world_size: int, directory: str) -> list[s
     return failures
 
 
+def check_wrapping_a_sharded_base(mesh, rank: int, world_size: int) -> list[str]:
+    """A LoRA module over a base apply_ep already sharded: its adapters are Shard(0) DTensors on the same mesh,
+    and with B = 0 (the init) its forward is the base module's."""
+    import moe_modules
+    from torch.distributed.tensor import DTensor, Shard
+
+    failures = []
+    case = Case("GroupedExpertsLoRA", "swiglu", True, "uneven")
+    inputs = lora_inputs(case, world_size)
+    base = moe_modules.GroupedExperts(ep_cases.config("swiglu", True))
+    base.load_state_dict({name: inputs[name] for name in PARAM_NAMES})
+    moe_modules.apply_ep(base, mesh)
+    module = moe_modules.GroupedExpertsLoRA(base, lora_dim=RANK, alpha=ALPHA)
+    for name in ADAPTER_NAMES:
+        p = getattr(module, name)
+        if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),) or p.device_mesh != mesh:
+            failures.append(f"{name}: expected a Shard(0) DTensor on the base's mesh, got {type(p).__name__}")
+    mine = ep_cases.rank_slice(case, world_size, rank)
+    args = (inputs["x"][mine], inputs["token_mask"][mine], inputs["weights"][mine], inputs["indices"][mine])
+    if not torch.allclose(module(*args), base(*args), rtol=1e-6, atol=1e-6):
+        failures.append("with B = 0 the LoRA module's forward differs from the base module's")
+    return failures
+
+
 def worker(rank: int, world_size: int, directory: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     ep_cases.join_gloo(rank, world_size, directory)
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
     results = {"cases": {case.name: run_case(case, mesh, rank, world_size) for case in cases(world_size)},
-               "state_dict_failures": check_state_dict_round_trip(mesh, world_size, directory)}
+               "state_dict_failures": check_state_dict_round_trip(mesh, world_size, directory),
+               "wrap_sharded_failures": check_wrapping_a_sharded_base(mesh, rank, world_size)}
     ep_cases.save_and_exit(results, rank, directory)
 
 

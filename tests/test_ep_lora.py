@@ -2,7 +2,7 @@
 the gradients of x, the routing weights and this rank's adapter shards against a single-process float64
 reference (the merged weights ``W + scale * A @ B``), eager and compiled; the frozen base gets no
 gradient; the eight parameters are ``Shard(0)`` DTensors and survive a ``torch.distributed.checkpoint``
-round trip."""
+round trip; wrapping a base that is already sharded shards the adapters alike."""
 
 from __future__ import annotations
 
@@ -70,4 +70,10 @@ def test_the_frozen_base_gets_no_gradient_and_each_module_ran_over_its_transport
 def test_state_dict_is_sharded_and_survives_a_dcp_round_trip(ep_run):
     _, ranks = ep_run
     failures = [f"rank {r}: {m}" for r, results in enumerate(ranks) for m in results["state_dict_failures"]]
+    assert not failures, "\n".join(failures)
+
+
+def test_wrapping_an_already_sharded_base_shards_the_adapters_alike(ep_run):
+    _, ranks = ep_run
+    failures = [f"rank {r}: {m}" for r, results in enumerate(ranks) for m in results["wrap_sharded_failures"]]
     assert not failures, "\n".join(failures)
