@@ -10,7 +10,9 @@ inside a small ``autograd.Function`` instead: the functional variants return
 ``__torch_dispatch__`` (about 60 us of CPU each, measured), which made the host — not the link —
 bound an all-to-all dispatch.  The arithmetic is the same either way; on NCCL the op is enqueued
 on the communication stream and the current stream waits for it, so nothing blocks the host.
-torch 2.13 renamed ``*_tensor_autograd`` to ``*_single_autograd``; take whichever this torch has.
+The all-gathers and the reduce-scatter stay functional collectives (their autograd is torch's), waited
+for at once in eager mode (:func:`_waited`).  torch 2.13 renamed ``*_tensor_autograd`` to
+``*_single_autograd``; take whichever this torch has.
 """
 
 from __future__ import annotations
@@ -21,9 +23,32 @@ import torch.distributed._functional_collectives as fc
 
 all_reduce = fc.all_reduce
 wait_tensor = fc.wait_tensor
-all_gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
-all_gather_autograd = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
-reduce_scatter_autograd = getattr(fc, "reduce_scatter_single_autograd", None) or fc.reduce_scatter_tensor_autograd
+_all_gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
+_all_gather_autograd = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+_reduce_scatter_autograd = getattr(fc, "reduce_scatter_single_autograd", None) or fc.reduce_scatter_tensor_autograd
+
+
+def _waited(t: torch.Tensor) -> torch.Tensor:
+    """Eagerly, the collective's output waited for at once (differentiable), not an ``AsyncCollectiveTensor``:
+    no later op pays its Python ``__torch_dispatch__``, and no buffer a collective still writes into (gloo writes
+    from its own thread) can be freed first because an output was never used.  Traced: as it is (Inductor
+    places the wait)."""
+    return t if torch.compiler.is_compiling() else fc.wait_tensor(t)
+
+
+def all_gather(x: torch.Tensor, gather_dim: int, group) -> torch.Tensor:
+    """All-gather along ``gather_dim`` without autograd."""
+    return _waited(_all_gather(x, gather_dim, group))
+
+
+def all_gather_autograd(x: torch.Tensor, gather_dim: int, group) -> torch.Tensor:
+    """All-gather along ``gather_dim``; its backward is the reduce-scatter."""
+    return _waited(_all_gather_autograd(x, gather_dim, group))
+
+
+def reduce_scatter_autograd(x: torch.Tensor, reduce_op: str, scatter_dim: int, group) -> torch.Tensor:
+    """Reduce-scatter along ``scatter_dim``; its backward is the all-gather."""
+    return _waited(_reduce_scatter_autograd(x, reduce_op, scatter_dim, group))
 
 
 def _all_to_all_eager(x: torch.Tensor, output_split_sizes, input_split_sizes, group) -> torch.Tensor:

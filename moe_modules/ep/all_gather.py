@@ -65,9 +65,7 @@ class AllGatherDispatcher:
     def combine(self, partial: Tensor, received: Received) -> Tensor:
         T, x_dtype = received.state
         try:
-            y_pad = comm.reduce_scatter_autograd(partial, "sum", 0, self.ep_mesh.get_group())
-            if not torch.compiler.is_compiling():  # eagerly it waits at its first non-view use: here, in this call
-                y_pad = comm.wait_tensor(y_pad)
+            y_pad = comm.reduce_scatter_autograd(partial, "sum", 0, self.ep_mesh.get_group())  # waited eagerly
             return y_pad[:T].to(x_dtype)
         except torch.OutOfMemoryError:
             raise
