@@ -31,6 +31,11 @@ class Activation:
     def __post_init__(self):
         moe_ops.check_activation(self.kind)
 
+    @property
+    def params(self) -> dict:
+        """``alpha``, ``limit`` and ``linear_offset`` by name, as the activation ops take them."""
+        return dict(alpha=self.alpha, limit=self.limit, linear_offset=self.linear_offset)
+
     @classmethod
     def clamped_swiglu(cls, limit: float) -> "Activation":
         """NeMo's clamped SwiGLU: ``silu(min(gate, limit)) * clamp(up, -limit, limit)`` is ``swigluoai``'s

@@ -109,8 +109,8 @@ def swiglu_clamped(x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None, do
                    limit: float) -> Tensor:
     """NeMo's clamped SwiGLU (``swiglu_limit > 0``, DeepSeek-V4): ``gate = min(gate, limit)``,
     ``up = clamp(up, -limit, limit)``, ``silu(gate) * up`` (``swigluoai`` with alpha 1, offset 0)."""
-    kind, params = _clamped_swiglu(limit)
-    return _whole_expert(kind, x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, **params)
+    act = Activation.clamped_swiglu(limit)
+    return _whole_expert(act.kind, x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, **act.params)
 
 
 def geglu(x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None) -> Tensor:
@@ -123,18 +123,11 @@ def relu2(x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None, down_proj_b
     return _whole_expert("relu2", x, gate_and_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)
 
 
-def _clamped_swiglu(limit: float):
-    """``(kind, params)`` of clamped SwiGLU for :func:`_whole_expert` / ``moe_ops.activation``."""
-    act = Activation.clamped_swiglu(limit)
-    return act.kind, dict(alpha=act.alpha, limit=act.limit, linear_offset=act.linear_offset)
-
-
 def get_expert_activation(config: MoEConfig):
     """The whole-expert callable ``(x, *, gate_and_up_proj, down_proj, gate_up_proj_bias=None,
     down_proj_bias=None)`` of ``config`` (its activation, alpha/limit/offset and ``swiglu_limit`` bound)."""
     act = Activation.from_config(config)
-    return functools.partial(_whole_expert, act.kind, alpha=act.alpha, limit=act.limit,
-                             linear_offset=act.linear_offset)
+    return functools.partial(_whole_expert, act.kind, **act.params)
 
 
 def swiglu_deepep(x: Tensor, permuted_probs: Tensor) -> Tensor:
@@ -156,8 +149,8 @@ def swigluoai_deepep(x: Tensor, permuted_probs: Tensor, alpha: float = 1.702, li
 
 def swiglu_clamped_deepep(x: Tensor, permuted_probs: Tensor, limit: float) -> Tensor:
     """NeMo's clamped SwiGLU (:func:`swiglu_clamped`) times ``probs``."""
-    kind, params = _clamped_swiglu(limit)
-    return moe_ops.activation(x, permuted_probs, kind, **params)
+    act = Activation.clamped_swiglu(limit)
+    return moe_ops.activation(x, permuted_probs, act.kind, **act.params)
 
 
 def geglu_deepep(x: Tensor, permuted_probs: Tensor) -> Tensor:
@@ -173,8 +166,7 @@ def relu2_deepep(x: Tensor, permuted_probs: Tensor) -> Tensor:
 def get_expert_activation_for_deepep(config: MoEConfig):
     """The ``(h, permuted_probs) -> out`` callable of ``config`` (alpha/limit/offset and ``swiglu_limit`` bound)."""
     act = Activation.from_config(config)
-    return functools.partial(moe_ops.activation, kind=act.kind, alpha=act.alpha, limit=act.limit,
-                             linear_offset=act.linear_offset)
+    return functools.partial(moe_ops.activation, kind=act.kind, **act.params)
 
 
 __all__ = [

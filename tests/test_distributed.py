@@ -92,12 +92,18 @@ def run_world(script: Path, world_size: int, directory: Path, deadline_s: float)
     return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 
+def world_run(request, tmp_path_factory, script: str) -> tuple[int, list]:
+    """``(world size, every rank's saved results)`` of one launch of ``tests/<script>`` at the world size that
+    parametrizes the requesting fixture."""
+    world_size = request.param
+    directory = tmp_path_factory.mktemp(f"{Path(script).stem}_world{world_size}")
+    return world_size, run_world(HERE / script, world_size, directory, LAUNCH_DEADLINE_S)
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"world{n}")
 def ep_run(request, tmp_path_factory):
     """Every rank's saved results of one launch of ``tests/ep_cases.py`` at this world size."""
-    world_size = request.param
-    directory = tmp_path_factory.mktemp(f"ep_world{world_size}")
-    return world_size, run_world(HERE / "ep_cases.py", world_size, directory, LAUNCH_DEADLINE_S)
+    return world_run(request, tmp_path_factory, "ep_cases.py")
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,16 +14,14 @@ import torch
 import ep_cases
 import ep_lora_cases as cases
 import reference
-from test_distributed import HERE, LAUNCH_DEADLINE_S, TOL, mismatches, needs_gloo, run_world
+from test_distributed import TOL, mismatches, needs_gloo, world_run
 
 pytestmark = needs_gloo
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"world{n}")
 def ep_run(request, tmp_path_factory):
-    world_size = request.param
-    directory = tmp_path_factory.mktemp(f"ep_lora_world{world_size}")
-    return world_size, run_world(HERE / "ep_lora_cases.py", world_size, directory, LAUNCH_DEADLINE_S)
+    return world_run(request, tmp_path_factory, "ep_lora_cases.py")
 
 
 @functools.lru_cache(maxsize=None)

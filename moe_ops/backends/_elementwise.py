@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_ops.ops.activation_kinds import GELU_B, GELU_C, merge_gate_up, split_gate_up
+from moe_ops.ops.activation_kinds import merge_gate_up, split_gate_up, tanh_gelu
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,13 +64,11 @@ def _act_forward_backward(h, kind, alpha, limit, linear_offset, d_out=None):
         r = torch.relu(h)
         return r * r, None if d_out is None else d_out * 2 * r
     gate, up = split_gate_up(h, kind)
-    if kind == "geglu":  # gelu_tanh(gate) = gate * sigmoid(2k), k = c (gate + b gate^3)
-        k1 = GELU_C * (1 + 3 * GELU_B * gate * gate)
-        s = torch.sigmoid(2 * GELU_C * (gate + GELU_B * gate * gate * gate))
-        gelu = gate * s
+    if kind == "geglu":
+        gelu, d_gelu = tanh_gelu(gate)
         if d_out is None:
             return gelu * up, None
-        return gelu * up, merge_gate_up(d_out * up * (s + 2 * gate * k1 * s * (1 - s)), d_out * gelu, kind)
+        return gelu * up, merge_gate_up(d_out * up * d_gelu, d_out * gelu, kind)
     if kind == "swiglu":
         s = torch.sigmoid(gate)
         silu = gate * s

@@ -28,10 +28,10 @@ from moe_ops import registry
 from moe_ops.backends import _grouped_mm_inputs
 from moe_ops.backends._elementwise import (
     acc_dtype,
-    cast,
     activation,
     activation_backward_with_output,
     add_expert_bias,
+    cast,
     expert_bias_backward,
 )
 from moe_ops.registry import Backend
@@ -147,21 +147,15 @@ def expert_up_backward(grad_h, x, pair_of_row, row_of_pair, offsets, w1, b1):
     n, _, blocks = _plan(offsets, M)
     acc = acc_dtype(x.dtype)
     grad_x = torch.zeros(x.shape, dtype=acc)
-    whole = len(blocks) == 1  # one block of every group: its gradients are the whole ones, no copy
-    grad_w1 = None if whole else torch.empty_like(w1)  # the blocks cover every group (an empty one's: zeros)
-    grad_b1 = x.new_empty(0) if b1 is None else None if whole else torch.empty_like(b1)
+    grad_w1 = torch.empty_like(w1)  # the blocks cover every group (an empty one's wgrad is zeros)
+    grad_b1 = x.new_empty(0) if b1 is None else torch.empty_like(b1)
     for blk in blocks:
         tokens, gh = _tokens(pair_of_row, blk, K), _rows(grad_h, blk)
         # One float32 sum per token, rows added in row order: deterministic.
         grad_x.index_add_(0, tokens, cast(_mm(gh, w1[blk.groups].transpose(1, 2), blk.ends), acc))
-        gw = _wgrad(x.index_select(0, tokens), gh, blk.ends)
-        gb = None if b1 is None else expert_bias_backward(gh, b1[blk.groups], blk.ends, None)[0]
-        if whole:
-            grad_w1, grad_b1 = gw, grad_b1 if gb is None else gb
-        else:
-            grad_w1[blk.groups] = gw
-            if gb is not None:
-                grad_b1[blk.groups] = gb
+        grad_w1[blk.groups] = _wgrad(x.index_select(0, tokens), gh, blk.ends)
+        if b1 is not None:
+            grad_b1[blk.groups] = expert_bias_backward(gh, b1[blk.groups], blk.ends, None)[0]
     return cast(grad_x, x.dtype), grad_w1, grad_b1
 
 

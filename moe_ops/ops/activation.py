@@ -27,7 +27,7 @@ from torch import Tensor
 from moe_ops import _checks
 from moe_ops._library import define
 from moe_ops.ops import activation_second_order
-from moe_ops.ops.activation_kinds import GATED, check_activation
+from moe_ops.ops.activation_kinds import GATED, check_activation, out_width
 from moe_ops.ops.composition_vjp import save_inputs, vjp_of_composition
 
 def _validate(h: Tensor, probs: Optional[Tensor], kind: str, *params) -> None:
@@ -39,20 +39,16 @@ def _validate(h: Tensor, probs: Optional[Tensor], kind: str, *params) -> None:
     _checks.same_device(h=h, probs=probs)
 
 
-def _out_width(h: Tensor, kind: str):
-    return h.shape[1] // 2 if GATED[kind] else h.shape[1]
-
-
 def _validate_backward(grad: Tensor, h: Tensor, probs: Optional[Tensor], kind: str, *params) -> None:
     _validate(h, probs, kind)
     _checks.tensor("grad", grad, dim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.size("grad", grad.shape[0], h.shape[0], "number of rows (dim 0 of h)")
-    _checks.size("grad", grad.shape[1], _out_width(h, kind), f"width of the {kind} output")
+    _checks.size("grad", grad.shape[1], out_width(h, kind), f"width of the {kind} output")
     _checks.same_device(h=h, grad=grad)
 
 
 def _fake(h, probs, kind, alpha, limit, linear_offset):
-    return h.new_empty(h.shape[0], _out_width(h, kind))
+    return h.new_empty(h.shape[0], out_width(h, kind))
 
 
 def _backward_fake(grad, h, probs, kind, alpha, limit, linear_offset):

@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor
 import torch
+from torch import Tensor
 
 # name -> whether the first GEMM carries gate and up (width 2I) or up alone (width I)
 GATED = {"swiglu": True, "quick_geglu": True, "swigluoai": True, "geglu": True, "relu2": False}
@@ -23,6 +23,23 @@ def check_activation(name, argument: str = "activation") -> None:
         raise TypeError(f"{argument}: expected a str, one of {sorted(GATED)}, got {type(name).__name__} {name!r}")
     if name not in GATED:
         raise ValueError(f"{argument}: expected one of {sorted(GATED)}, got {name!r}")
+
+
+def out_width(h: Tensor, kind: str):
+    """The width of ``act(h)``: half of ``h``'s for a gated activation, all of it for ``relu2``."""
+    return h.shape[1] // 2 if GATED[kind] else h.shape[1]
+
+
+def tanh_gelu(x: Tensor, second: bool = False) -> tuple:
+    """``q(x) = x sigmoid(2 k(x))`` (tanh-approximated GELU, ``k = GELU_C (x + GELU_B x^3)``) and ``q'(x)``; with
+    ``second``, ``q''(x)`` too.  The sigmoid form has no cancellation where ``1 + tanh k`` would round to 0."""
+    k1 = GELU_C * (1 + 3 * GELU_B * x * x)
+    s = torch.sigmoid(2 * GELU_C * (x + GELU_B * x * x * x))
+    ds = s * (1 - s)
+    q, q1 = x * s, s + 2 * x * k1 * ds
+    if not second:
+        return q, q1
+    return q, q1, 2 * ds * (2 * k1 + x * (6 * GELU_C * GELU_B * x + 2 * k1 * k1 * (1 - 2 * s)))
 
 
 def split_gate_up(h: Tensor, kind: str) -> tuple[Tensor, Tensor]:

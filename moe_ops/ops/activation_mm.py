@@ -18,7 +18,7 @@ from torch import Tensor
 from moe_ops import _checks
 from moe_ops._library import define
 from moe_ops.ops.activation import activation, activation_backward
-from moe_ops.ops.activation_kinds import GATED, check_activation
+from moe_ops.ops.activation_kinds import check_activation, out_width
 from moe_ops.ops.grouped_mm import grouped_mm, grouped_mm_wgrad
 
 
@@ -27,8 +27,7 @@ def _validate(h, probs, w, offsets, kind, alpha, limit, linear_offset) -> None:
     _checks.tensor("h", h, dim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("w", w, dim=3)
     _checks.same_dtype("w", w, "h", h)
-    width = h.shape[1] // 2 if GATED[kind] else h.shape[1]
-    _checks.size("w", w.shape[1], width, f"inner size (dim 1) equal to the {kind} output width")
+    _checks.size("w", w.shape[1], out_width(h, kind), f"inner size (dim 1) equal to the {kind} output width")
     _checks.row_probs("probs", probs, h.shape[0])
     _checks.offsets("offsets", offsets, w.shape[0])
     _checks.same_device(h=h, probs=probs, w=w, offsets=offsets)

@@ -14,20 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_ops.ops.activation_kinds import GELU_B, GELU_C, merge_gate_up, split_gate_up
+from moe_ops.ops.activation_kinds import merge_gate_up, split_gate_up, tanh_gelu
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _gelu_q(x: Tensor):
-    """``q, q', q''`` of tanh-approximated GELU ``q(x) = x sigmoid(2 k(x))``, ``k = c (x + b x^3)``."""
-    k1 = GELU_C * (1 + 3 * GELU_B * x * x)
-    k2 = 6 * GELU_C * GELU_B * x
-    s = torch.sigmoid(2 * GELU_C * (x + GELU_B * x * x * x))
-    ds = s * (1 - s)
-    return x * s, s + 2 * x * k1 * ds, 2 * ds * (2 * k1 + x * (k2 + 2 * k1 * k1 * (1 - 2 * s)))
 
 
 def _sigmoid_q(x: Tensor, a: float):
@@ -44,7 +35,7 @@ def _gated_derivatives(x: Tensor, y: Tensor, kind: str, alpha: float, limit, lin
     if limit is not None:
         x_in, y_in = x <= limit, (y >= -limit) & (y <= limit)
         x, y = x.clamp(max=limit), y.clamp(-limit, limit)
-    q, q1, q2 = _gelu_q(x) if kind == "geglu" else _sigmoid_q(x, alpha if clamped else 1.0)
+    q, q1, q2 = tanh_gelu(x, second=True) if kind == "geglu" else _sigmoid_q(x, alpha if clamped else 1.0)
     y_off = y + offset
     A, A_x, A_y, A_xx, A_xy = q * y_off, q1 * y_off, q, q2 * y_off, q1
     if limit is not None:

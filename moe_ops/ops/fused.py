@@ -40,7 +40,7 @@ from torch import Tensor
 from moe_ops import _checks
 from moe_ops._library import define
 from moe_ops.ops import fused_second_order
-from moe_ops.ops.activation_kinds import GATED, check_activation
+from moe_ops.ops.activation_kinds import GATED, check_activation, out_width
 
 
 def _validate_routing(pair_of_row: Tensor, row_of_pair: Tensor, offsets: Tensor, experts) -> None:
@@ -77,7 +77,7 @@ def _validate_down(h, w2, b2, probs, pair_of_row, row_of_pair, offsets, kind, al
     _checks.same_dtype("w2", w2, "h", h)
     _validate_routing(pair_of_row, row_of_pair, offsets, w2.shape[0])
     _checks.between("h", h.shape[0], 0, pair_of_row.shape[0], "at most T*K rows (dim 0 of pair_of_row)")
-    inner = h.shape[1] // 2 if GATED[kind] else h.shape[1]
+    inner = out_width(h, kind)
     if GATED[kind]:
         torch._check_value(h.shape[1] % 2 == 0,
                            lambda: f"h: expected an even width (gate and up) for {kind}, got {h.shape[1]}")

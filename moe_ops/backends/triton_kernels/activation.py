@@ -19,7 +19,7 @@ from moe_ops.backends.triton_kernels._act import (
     act_backward, act_forward, h_columns, h_tiles, load_h, tile0_width,
 )
 from moe_ops.backends.triton_kernels._common import GEGLU, SWIGLU, SWIGLUOAI
-from moe_ops.ops.activation_kinds import GATED
+from moe_ops.ops.activation_kinds import out_width
 
 
 @triton.jit
@@ -77,10 +77,6 @@ def _activation_backward_kernel(
         tl.store(grad_probs_ptr + rows64, grad_p.to(grad_probs_ptr.dtype.element_ty), mask=row_ok)
 
 
-def _out_width(h: Tensor, kind: str) -> int:
-    return h.shape[1] // 2 if GATED[kind] else h.shape[1]
-
-
 def _act_meta(h, kind, alpha, limit, linear_offset, probs, blocks):
     k = C.ACT_KIND[kind]
     return dict(
@@ -92,7 +88,7 @@ def _act_meta(h, kind, alpha, limit, linear_offset, probs, blocks):
 
 def activation_forward(h, probs, kind, alpha, limit, linear_offset) -> Tensor:
     h = h if h.stride(-1) == 1 else h.contiguous()
-    M, I = h.shape[0], _out_width(h, kind)
+    M, I = h.shape[0], out_width(h, kind)
     out = h.new_empty(M, I)
     blocks = C.rows_blocks(I, max_cols=128)  # quick_geglu holds 2x the columns
     C.launch(
@@ -108,7 +104,7 @@ def activation_grads(grad, h, probs, kind, alpha, limit, linear_offset, with_out
     ``with_output``, also the forward's ``act(h) * probs``."""
     h = h if h.stride(-1) == 1 else h.contiguous()
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-    M, I = h.shape[0], _out_width(h, kind)
+    M, I = h.shape[0], out_width(h, kind)
     grad_h = torch.empty_like(h, memory_format=torch.contiguous_format)
     grad_probs = (torch.empty_like(probs, memory_format=torch.contiguous_format) if probs is not None
                   else h.new_empty(0, dtype=torch.float32))
